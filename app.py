@@ -1,0 +1,360 @@
+"""The relay's HTTP surface: the app factory, routes, request checks and error responses.
+
+It decides what a request may ask for and how the answer is framed; moving bytes between the
+upstream and the caller is ``streaming.py``'s job. ``python app.py`` serves it for development.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # the development server: patch before anything imports ssl or socket
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import logging
+import re
+import socket
+import sys
+import time
+import uuid
+
+import orjson
+from dotenv import load_dotenv
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from errors import RelayError
+from settings import Settings, SettingsError, load_settings
+from streaming import (
+    ClientGone,
+    PassthroughTranslator,
+    RelayStream,
+    TokenTranslator,
+    UpstreamClient,
+    client_socket_closed,
+)
+
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+TOKEN_ENDPOINT_FIELDS = frozenset(
+    {
+        "model", "messages", "stream", "n",
+        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
+        "frequency_penalty", "seed", "user", "logit_bias", "response_format", "reasoning_effort",
+    }
+)  # fmt: skip
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+    "X-Content-Type-Options": "nosniff",
+}
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+access_log = logging.getLogger("chat_relay.access")
+log = logging.getLogger("chat_relay")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the relay; without ``settings`` they are read from the environment (and ``.env``)."""
+    if settings is None:
+        load_dotenv(override=False)
+        settings = load_settings()
+    _configure_logging(settings.log_level)
+
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+
+    base_url = settings.base_url
+    if settings.demo:
+        from demo_upstream import start_demo_upstream
+
+        base_url = start_demo_upstream()
+        log.warning("DEMO MODE: answers come from a built-in simulated model, not from OpenAI")
+    upstream = UpstreamClient(
+        base_url,
+        settings.api_key,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries=settings.retries,
+        pool_size=settings.worker_connections,
+    )
+    app.extensions["relay"] = _Relay(settings, upstream)
+    _register(app, settings)
+    return app
+
+
+class _Relay:
+    """What the routes share: settings and the upstream client."""
+
+    def __init__(self, settings: Settings, upstream: UpstreamClient):
+        self.settings = settings
+        self.upstream = upstream
+
+
+def _register(app: Flask, settings: Settings) -> None:
+    relay: _Relay = app.extensions["relay"]
+
+    @app.before_request
+    def start_request_log():
+        request_id = request.headers.get("X-Request-ID", "")
+        g.request_id = request_id if _SANE_REQUEST_ID.match(request_id) else uuid.uuid4().hex
+        g.started = time.monotonic()
+        g.log = {"model": None, "ttft_s": None, "completion_tokens": None, "outcome": "ok"}
+
+    @app.after_request
+    def finish_request_log(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.request_id
+        fields = g.log
+        fields.update(request_id=g.request_id, method=request.method, path=request.path, status=response.status_code)
+        fields.setdefault("caller", request.remote_addr)
+        started = g.started
+        if response.status_code >= 400 and fields["outcome"] == "ok":
+            fields["outcome"] = "rejected"
+        response.call_on_close(lambda: _write_access_log(fields, started))
+        return response
+
+    @app.errorhandler(RelayError)
+    def relay_error(error: RelayError):
+        g.log["outcome"] = error.outcome
+        return Response(error.to_json(), error.status, headers=error.headers(), content_type="application/json")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        code = _ERROR_CODES.get(error.code, "invalid_request")
+        message = f"{error.name}: {error.description}" if error.code != 413 else (
+            f"The request body is larger than {settings.max_body_bytes} bytes."
+        )
+        return relay_error(RelayError(error.code or 500, code, message))
+
+    @app.errorhandler(ClientGone)
+    def client_gone(_error):
+        g.log["outcome"] = "client_disconnect"
+        return Response(b"", 499)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return relay_error(RelayError(500, "internal_error", "The relay failed unexpectedly; see its log.", outcome="upstream_error"))
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "upstream": settings.upstream_label}
+
+    @app.get("/")
+    def index():
+        return app.send_static_file("index.html")
+
+    @app.post("/api/stream_chat_completion")
+    def stream_chat_completion():
+        payload = _token_request(_json_body(), settings)
+        accept = request.accept_mimetypes
+        sse = any(kind.lower() == "text/event-stream" and quality > 0 for kind, quality in accept)
+        return _relay_stream(relay, payload, TokenTranslator(sse=sse))
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        payload = _passthrough_request(_json_body(), settings)
+        if payload.get("stream") is True:
+            return _relay_stream(relay, payload, PassthroughTranslator())
+        status, body = relay.upstream.request_json("POST", "/chat/completions", payload)
+        return Response(body, status, content_type="application/json")
+
+    @app.get("/v1/models")
+    def models():
+        if settings.models:
+            data = [{"id": name, "object": "model", "created": 0, "owned_by": "chat-relay"} for name in settings.models]
+            return {"object": "list", "data": data}
+        status, body = relay.upstream.request_json("GET", "/models")
+        return Response(body, status, content_type="application/json")
+
+
+# --- request checks -------------------------------------------------------------------------
+
+
+def _json_body() -> dict:
+    if request.mimetype != "application/json":
+        raise RelayError(415, "unsupported_media_type", "The request body must be JSON (Content-Type: application/json).")
+    raw = request.get_data(cache=False)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RelayError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
+    return body
+
+
+def _invalid(field: str, message: str, code: str = "invalid_request") -> RelayError:
+    return RelayError(400, code, message, param=field)
+
+
+def _check_model(body: dict, settings: Settings) -> None:
+    if "model" not in body:
+        if not settings.default_model:
+            raise _invalid("model", "'model' is required (this relay sets no RELAY_DEFAULT_MODEL).")
+        body["model"] = settings.default_model
+    model = body["model"]
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "'model' must be a non-empty string.")
+    if settings.models and model not in settings.models:
+        raise RelayError(
+            403, "model_not_allowed", f"Model {model!r} is not allowed here; allowed: {', '.join(settings.models)}.",
+            param="model",
+        )  # fmt: skip
+    g.log["model"] = model
+
+
+def _check_max_tokens(body: dict, settings: Settings) -> None:
+    named = False
+    for field in ("max_tokens", "max_completion_tokens"):
+        if field not in body or body[field] is None:
+            continue
+        value = body[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _invalid(field, f"'{field}' must be a positive whole number.")
+        if settings.max_tokens is not None and value > settings.max_tokens:
+            raise _invalid(
+                field, f"'{field}' is {value}; this relay allows at most {settings.max_tokens}.", "max_tokens_too_large"
+            )
+        named = True
+    if not named and settings.max_tokens is not None:
+        body["max_completion_tokens"] = settings.max_tokens
+
+
+def _check_n(body: dict) -> None:
+    if "n" in body and (body["n"] != 1 or isinstance(body["n"], bool)):
+        raise _invalid("n", "'n' may only be 1: the relay streams one answer.")
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "'messages' must be a non-empty list.")
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid(field, f"'{field}' must be an object with 'role' and 'content'.")
+        if message.get("role") not in ROLES:
+            raise _invalid(f"{field}.role", f"'{field}.role' must be one of {', '.join(sorted(ROLES))}.")
+        content = message.get("content")
+        is_parts = isinstance(content, list) and all(isinstance(part, dict) for part in content)
+        if not isinstance(content, str) and not is_parts:
+            raise _invalid(f"{field}.content", f"'{field}.content' must be a string or a list of content parts.")
+
+
+def _token_request(body: dict, settings: Settings) -> dict:
+    """The upstream payload for a valid token-endpoint request; raises RelayError naming the field."""
+    for field in body:
+        if field not in TOKEN_ENDPOINT_FIELDS:
+            raise _invalid(field, f"Unknown parameter '{field}'.", "unknown_parameter")
+    _check_model(body, settings)
+    _check_messages(body.get("messages"))
+    if "stream" in body and body["stream"] is not True:
+        raise _invalid("stream", "'stream' may only be true: this endpoint always streams.")
+    _check_n(body)
+    _check_max_tokens(body, settings)
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _passthrough_request(body: dict, settings: Settings) -> dict:
+    """The guard checks of the token endpoint; every other field passes through untouched."""
+    _check_model(body, settings)
+    _check_n(body)
+    _check_max_tokens(body, settings)
+    return body
+
+
+# --- relaying a stream --------------------------------------------------------------------------
+
+
+def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
+    """Open the upstream stream, wait for its first event, then commit to a 200 and stream the rest."""
+    settings = relay.settings
+    client_socket = request.environ.get("gunicorn.socket")
+    client_gone = (lambda: client_socket_closed(client_socket)) if client_socket is not None else (lambda: False)
+    response = relay.upstream.open_stream("/chat/completions", payload)
+    stream = RelayStream(response, translator, client_gone=client_gone, heartbeat_seconds=settings.heartbeat_seconds)
+    started = g.started
+    try:
+        first = stream.first()
+    except BaseException:
+        stream.close()
+        raise
+    fields = g.log
+    fields["ttft_s"] = round(stream.first_event_at - started, 4) if stream.first_event_at else None
+
+    def body():
+        outcome = "client_disconnect"  # unless the stream runs to its end: gunicorn closed us early
+        try:
+            yield first
+            yield from stream.rest()
+            outcome = stream.outcome
+        except (RelayError, ClientGone):
+            outcome = stream.outcome
+            _abort_connection(client_socket)
+        finally:
+            stream.close()
+            fields["outcome"] = outcome
+            fields["completion_tokens"] = translator.completion_tokens
+            if translator.model and not fields.get("model"):
+                fields["model"] = translator.model
+
+    return Response(body(), 200, headers=STREAM_HEADERS)
+
+
+def _abort_connection(client_socket) -> None:
+    """End the response without its final chunk, so the caller's reader fails instead of finishing."""
+    if client_socket is None:
+        return
+    try:
+        client_socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
+        access_log.setLevel(logging.INFO)
+
+
+def _write_access_log(fields: dict, started: float) -> None:
+    record = {"ts": round(time.time(), 3), **fields, "duration_s": round(time.monotonic() - started, 4)}
+    access_log.info(orjson.dumps(record).decode())
+
+
+if __name__ == "__main__":
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    class _Handler(WSGIHandler):
+        def get_environ(self):
+            environ = super().get_environ()
+            environ["gunicorn.socket"] = self.socket  # lets the relay watch the caller, as under gunicorn
+            return environ
+
+    try:
+        load_dotenv(override=False)
+        dev_settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"chat-relay: {exc}")
+    server = WSGIServer((dev_settings.host, dev_settings.port), create_app(dev_settings), handler_class=_Handler)
+    print(f"chat-relay (development server) on http://{dev_settings.host}:{dev_settings.port}", file=sys.stderr)
+    server.serve_forever()
+else:
+    try:
+        app = create_app()
+    except SettingsError as exc:
+        sys.exit(f"chat-relay: {exc}")

@@ -1,0 +1,76 @@
+"""The relay's one exception type and the contract's JSON error shape.
+
+Every refusal, from a bad request to a failed upstream, is a ``RelayError``; ``app.py`` renders it
+once. This module also redacts secrets from upstream messages; it knows nothing of HTTP servers.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+_KEY_LIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{8,}")
+
+# The OpenAI error "type" that goes with each HTTP status, so the SDKs map them as usual.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
+
+
+class RelayError(Exception):
+    """A failure with the HTTP status, machine-readable code and human message the caller gets."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        error_type: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+        outcome: str = "rejected",
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.error_type = error_type or _TYPE_BY_STATUS.get(status, "api_error")
+        self.param = param
+        self.retry_after = retry_after
+        self.outcome = outcome
+
+    def to_dict(self) -> dict:
+        error = {"message": self.message, "type": self.error_type, "code": self.code}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="chat-relay"'
+        return headers
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """``text`` with each secret and anything shaped like an API key replaced by ``[redacted]``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)

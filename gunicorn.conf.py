@@ -1,0 +1,77 @@
+"""Gunicorn settings for Chat Relay in production: `gunicorn -c gunicorn.conf.py app:app`.
+
+Values come from the relay's own settings (environment and `.env`), so one bad variable stops the
+server here with one line, before any worker starts.
+"""
+
+import math
+import resource
+import sys
+
+from dotenv import load_dotenv
+
+from settings import SettingsError, load_settings
+
+load_dotenv(override=False)
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    sys.exit(f"chat-relay: {exc}")
+
+# Where to listen. Behind nginx on the same VM, HOST=127.0.0.1 keeps the relay off the network.
+bind = f"{_settings.host}:{_settings.port}"
+
+# gevent workers: each holds thousands of open streams, since a stream mostly waits on sockets.
+# Never add `preload_app = True`: the app would import ssl before gevent patches it.
+worker_class = "gevent"
+
+# One worker per CPU (WEB_CONCURRENCY) is enough: the work is I/O, and more processes only
+# multiply memory and upstream connection pools.
+workers = _settings.web_concurrency
+
+# Open streams one worker may hold at once (RELAY_WORKER_CONNECTIONS). The relay's upstream
+# connection pool is sized to match, so a busy worker never queues for an upstream socket.
+worker_connections = _settings.worker_connections
+
+# Seconds a worker may go without telling the master it is alive. Long streams do not count
+# against it: gevent workers report from their own loop, not per request.
+timeout = 30
+
+# On SIGTERM or HUP, in-flight streams get this long to finish (RELAY_GRACEFUL_TIMEOUT); new
+# connections are refused meanwhile. A stream cut at the deadline ends without its final chunk.
+graceful_timeout = math.ceil(_settings.graceful_timeout)
+
+# Idle keep-alive, in seconds. Longer than the 60 s idle timeout of common load balancers, so the
+# balancer, not the relay, closes idle connections and never reuses one the relay just closed.
+keepalive = 75
+
+# The relay writes its own JSON line per request (with model, outcome and timings), so gunicorn's
+# access log stays off; gunicorn's own messages go to stderr.
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+
+# The control socket lives at one path per user; two relays on one machine (tests, blue/green
+# deploys) would fight over it, and the relay does not use `gunicornc`.
+control_socket_disable = True
+
+# Request line and header limits stay at gunicorn's defaults; bodies are capped by the relay
+# (RELAY_MAX_BODY_BYTES).
+
+
+def on_starting(server):
+    """Raise the open-file limit to the hard limit: every open stream holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            server.log.warning("could not raise the open-file limit above %s", soft)
+    needed = 2 * _settings.worker_connections * _settings.web_concurrency + 64
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        server.log.warning(
+            "open-file limit %s is below the %s that %s workers x %s streams need; raise LimitNOFILE",
+            soft, needed, _settings.web_concurrency, _settings.worker_connections,
+        )  # fmt: skip

@@ -1,0 +1,187 @@
+"""Every environment variable the relay reads, parsed and checked once at start-up.
+
+Nothing else in the relay reads ``os.environ``; a bad value becomes a ``SettingsError`` whose
+one-line message names the variable and the accepted form, and start-up stops there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_RATE_ITEM = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*$", re.I)
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is the one line start-up prints."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    demo: bool = False
+    models: tuple[str, ...] = ()
+    default_model: str | None = None
+    max_tokens: int | None = None
+    max_body_bytes: int = 1_048_576
+    allowed_origins: tuple[str, ...] = ()
+    access_tokens: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit: str | None = None
+    max_streams_per_caller: int | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    trusted_proxies: int = 0
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+    retries: int = 2
+    heartbeat_seconds: float = 15.0
+    graceful_timeout: float = 30.0
+    log_level: str = "INFO"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    web_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_connections: int = 2000
+
+    @property
+    def upstream_label(self) -> str:
+        """What `/healthz` shows: the upstream's host[:port], or "demo"."""
+        return "demo" if self.demo else urlsplit(self.base_url).netloc
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse the relay's settings from ``environ`` (default: the process environment)."""
+    env = _Env(os.environ if environ is None else environ)
+    demo = env.flag("RELAY_DEMO")
+    api_key = env.text("OPENAI_API_KEY")
+    base_url_given = env.text("OPENAI_BASE_URL")
+    if not demo and not api_key and not base_url_given:
+        raise SettingsError(
+            "No upstream configured: set OPENAI_API_KEY (live mode, optionally OPENAI_BASE_URL) "
+            "or RELAY_DEMO=1 (demo mode, no key needed)"
+        )
+    return Settings(
+        api_key=None if demo else api_key,
+        base_url=env.url("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+        demo=demo,
+        models=env.csv("RELAY_MODELS"),
+        default_model=env.text("RELAY_DEFAULT_MODEL"),
+        max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
+        max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+        allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
+        access_tokens=env.csv("RELAY_ACCESS_TOKENS"),
+        rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
+        max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
+        redis_url=env.redis_url("REDIS_URL"),
+        trusted_proxies=env.integer("RELAY_TRUSTED_PROXIES", 0, minimum=0),
+        connect_timeout=env.seconds("RELAY_CONNECT_TIMEOUT", 5.0),
+        read_timeout=env.seconds("RELAY_READ_TIMEOUT", 120.0),
+        retries=env.integer("RELAY_RETRIES", 2, minimum=0, maximum=10),
+        heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0),
+        graceful_timeout=env.seconds("RELAY_GRACEFUL_TIMEOUT", 30.0),
+        log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+        host=env.text("HOST") or "0.0.0.0",
+        port=env.integer("PORT", 8000, minimum=0, maximum=65535),
+        web_concurrency=env.integer("WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
+        worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
+    )
+
+
+class _Env:
+    """Typed readers over the environment; each failure names its variable and accepted form."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def flag(self, name: str) -> bool:
+        value = (self.text(name) or "0").lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={value!r}: expected 1 or 0")
+
+    def csv(self, name: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in (self.text(name) or "").split(",") if item.strip())
+
+    def integer(self, name, default, *, minimum=None, maximum=None):
+        raw = self.text(name)
+        if raw is None:
+            return default
+        bounds = _describe_bounds(minimum, maximum)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected a whole number{bounds}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise SettingsError(f"{name}={raw!r}: expected a whole number{bounds}")
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value == float("inf"):
+            raise SettingsError(f"{name}={raw!r}: expected a positive number of seconds, e.g. 5 or 0.5")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).upper()
+        if value not in choices:
+            raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        raw = self.text(name) or default
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise SettingsError(f"{name}={raw!r}: expected an http(s) URL such as {DEFAULT_BASE_URL}")
+        return raw.rstrip("/")
+
+    def redis_url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise SettingsError(f"{name}: expected a URL such as redis://host:6379/0")
+        return raw
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        origins = self.csv(name)
+        for origin in origins:
+            parts = urlsplit(origin)
+            is_origin = parts.scheme in ("http", "https") and parts.netloc and parts.path in ("", "/")
+            if origin != "*" and not is_origin:
+                raise SettingsError(
+                    f"{name}: {origin!r} is not an origin; expected e.g. https://app.example.com or *"
+                )
+        return tuple(origin.rstrip("/") for origin in origins)
+
+    def rate_limit(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        if not all(_RATE_ITEM.match(item) for item in raw.split(";")):
+            raise SettingsError(f"{name}={raw!r}: expected limits like 20/minute;500/day")
+        return raw
+
+
+def _describe_bounds(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum} to {maximum}"
+    if minimum is not None:
+        return f" of at least {minimum}"
+    return ""

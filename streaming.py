@@ -1,0 +1,612 @@
+"""The relay's pipeline: upstream bytes -> SSE lines -> events -> tokens -> the caller's framing.
+
+Pieces, one job each: ``SSEDecoder`` (bytes to events, WHATWG rules, no I/O), the translators
+(events to output bytes for the token endpoint or the passthrough), ``UpstreamClient`` (one pooled
+``requests`` session, retries before the first byte, error mapping) and ``RelayStream`` (one
+stream's lifetime under gevent: a reader greenlet, heartbeats, client watch, one cleanup).
+Nothing here imports Flask.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import random
+import re
+import socket
+import time
+from typing import Callable, Iterator
+
+import gevent
+import gevent.queue
+import orjson
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from errors import RelayError, redact
+
+MAX_LINE_BYTES = 1 << 20  # one SSE line longer than this is a broken upstream, not a long answer
+MAX_ERROR_BODY_BYTES = 1 << 16
+MAX_JSON_BODY_BYTES = 32 << 20
+CLIENT_POLL_SECONDS = 0.5  # how often a silent stream checks that its caller is still there
+QUEUE_DEPTH = 256  # reads buffered between upstream and a slow caller before the reader waits
+RETRY_BASE_SECONDS = 0.25
+RETRY_CAP_SECONDS = 8.0
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+# --- bytes to events -------------------------------------------------------------------------
+
+
+class ServerSentEvent:
+    """One dispatched event: its type, its data (bytes, lines joined by LF), and its raw field lines."""
+
+    __slots__ = ("event", "data", "id", "lines")
+
+    def __init__(self, event: bytes | None, data: bytes, id: bytes | None, lines: list[bytes]):
+        self.event = event
+        self.data = data
+        self.id = id
+        self.lines = lines
+
+    def __repr__(self) -> str:
+        return f"ServerSentEvent(event={self.event!r}, data={self.data!r})"
+
+
+class SSEDecoder:
+    """Turns a byte stream into events as the WHATWG spec says, whatever the network's splits.
+
+    Lines are framed on bytes (CR, LF or CRLF; a CRLF split across reads is one line end), so
+    U+2028 inside JSON and multi-byte characters split across reads pass through intact.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+        self._max_line_bytes = max_line_bytes
+        self._pending = b""
+        self._at_start = True
+        self._skip_lf = False
+        self._event: bytes | None = None
+        self._data: list[bytes] = []
+        self._id: bytes | None = None
+        self._lines: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """The events completed by ``chunk``; raises ``ValueError`` on an over-long line."""
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        data = self._pending + chunk if self._pending else chunk
+        if self._at_start:
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self._pending = data
+                return []
+            self._at_start = False
+            if data.startswith(_BOM):
+                data = data[len(_BOM):]
+        if b"\r" in data:
+            self._skip_lf = data.endswith(b"\r")
+            lines = _LINE_END.split(data)
+        else:
+            lines = data.split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > self._max_line_bytes:
+            raise ValueError(f"upstream sent a line longer than {self._max_line_bytes} bytes")
+        events = []
+        for line in lines:
+            event = self._process_line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _process_line(self, line: bytes) -> ServerSentEvent | None:
+        if not line:
+            return self._dispatch()
+        if line[0] == 0x3A:  # ":" starts a comment
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        elif name == b"id":
+            if b"\0" not in value:
+                self._id = value
+        elif name != b"retry":
+            return None  # unknown fields are ignored, and not relayed
+        self._lines.append(line)
+        return None
+
+    def _dispatch(self) -> ServerSentEvent | None:
+        event = None
+        if self._data:
+            event = ServerSentEvent(self._event, b"\n".join(self._data), self._id, self._lines)
+        self._event, self._data, self._lines = None, [], []
+        return event
+
+
+# --- events to output --------------------------------------------------------------------------
+
+
+def _sse(data: bytes, event: bytes | None = None) -> bytes:
+    if event is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + event + b"\ndata: " + data + b"\n\n"
+
+
+PING = b": ping\n\n"
+
+
+def _upstream_event_error(error) -> RelayError:
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    code = error.get("code")
+    message = error.get("message") or "The upstream reported an error mid-stream."
+    return RelayError(
+        502,
+        code if isinstance(code, str) and code else "upstream_error",
+        "Upstream error: " + redact(str(message)),
+        error_type=error.get("type") if isinstance(error.get("type"), str) else None,
+        outcome="upstream_error",
+    )
+
+
+def _malformed(reason: str) -> RelayError:
+    return RelayError(502, "upstream_error", f"Malformed upstream reply: {reason}.", outcome="upstream_error")
+
+
+def _truncated() -> RelayError:
+    return RelayError(
+        502,
+        "upstream_error",
+        "The upstream stream ended before the answer was complete.",
+        outcome="upstream_error",
+    )
+
+
+def _parse_chunk(data: bytes) -> dict:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise _malformed("an event's data is not JSON") from None
+    if not isinstance(chunk, dict):
+        raise _malformed("an event's data is not a JSON object")
+    if "error" in chunk:
+        raise _upstream_event_error(chunk["error"])
+    return chunk
+
+
+class TokenTranslator:
+    """Turns upstream chat-completion events into the token endpoint's output.
+
+    ``sse=False`` is the plain-text format: the bare concatenation of ``delta.content``.
+    ``sse=True`` is the relay's own events: ``meta``, one per token, and ``done``.
+    """
+
+    def __init__(self, sse: bool):
+        self.sse = sse
+        self.model: str | None = None
+        self.token_count = 0
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self._saw_done = False
+
+    @property
+    def completion_tokens(self) -> int:
+        reported = (self.usage or {}).get("completion_tokens")
+        return reported if isinstance(reported, int) else self.token_count
+
+    def feed(self, event: ServerSentEvent) -> bytes:
+        if event.data == b"[DONE]":
+            self._saw_done = True
+            return b""
+        chunk = _parse_chunk(event.data)
+        out = b""
+        if self.model is None:
+            self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
+            if self.sse:
+                meta = {"id": chunk.get("id"), "model": chunk.get("model"), "created": chunk.get("created")}
+                out = _sse(orjson.dumps(meta), b"meta")
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            return out
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        content = (choice.get("delta") or {}).get("content")
+        if not content or not isinstance(content, str):
+            return out
+        self.token_count += 1
+        if self.sse:
+            return out + _sse(orjson.dumps({"content": content}))
+        return out + content.encode()
+
+    def end(self) -> bytes:
+        """The closing output once the upstream body ended; raises if it ended too soon."""
+        if self.finish_reason is None and not self._saw_done:
+            raise _truncated()
+        if not self.sse:
+            return b""
+        return _sse(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
+
+    def error(self, error: RelayError) -> bytes | None:
+        """The output that tells the caller the stream failed; None means: abort the connection."""
+        return _sse(error.to_json(), b"error") if self.sse else None
+
+
+class PassthroughTranslator:
+    """Relays the upstream's events unchanged (each field line byte-identical), for /v1 callers."""
+
+    sse = True
+
+    def __init__(self):
+        self.model: str | None = None
+        self.token_count = 0
+        self.usage: dict | None = None
+        self.finish_reason: str | None = None
+        self._saw_done = False
+
+    @property
+    def completion_tokens(self) -> int:
+        reported = (self.usage or {}).get("completion_tokens")
+        return reported if isinstance(reported, int) else self.token_count
+
+    def feed(self, event: ServerSentEvent) -> bytes:
+        if event.data == b"[DONE]":
+            self._saw_done = True
+        else:
+            self._observe(_parse_chunk(event.data))
+        return b"\n".join(event.lines) + b"\n\n"
+
+    def _observe(self, chunk: dict) -> None:
+        if self.model is None and isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            if (choice.get("delta") or {}).get("content"):
+                self.token_count += 1
+
+    def end(self) -> bytes:
+        if self.finish_reason is None and not self._saw_done:
+            raise _truncated()
+        return b""
+
+    def error(self, error: RelayError) -> bytes:
+        return _sse(error.to_json())
+
+
+# --- the upstream ------------------------------------------------------------------------------
+
+
+class UpstreamClient:
+    """Calls the OpenAI-compatible upstream through one pooled session; maps its failures.
+
+    Retries happen here and only here, before anything has reached the caller.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        retries: int,
+        pool_size: int,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = (connect_timeout, read_timeout)
+        self._retries = retries
+        self.session = requests.Session()
+        self.session.trust_env = False  # proxies and .netrc from the environment would see the key
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": accept, "User-Agent": "chat-relay/1"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def open_stream(self, path: str, payload: dict) -> requests.Response:
+        """POST a streaming request; the response is a 200 event stream, or a RelayError is raised."""
+        response = self._send("POST", path, orjson.dumps(payload), "text/event-stream", stream=True)
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.lower().startswith("text/event-stream"):
+            response.close()
+            raise _malformed(f"expected an event stream, got {content_type or 'no content type'!r}")
+        return response
+
+    def request_json(self, method: str, path: str, payload: dict | None = None) -> tuple[int, bytes]:
+        """A non-streaming call: the upstream's 2xx status and JSON body, or a RelayError."""
+        body = orjson.dumps(payload) if payload is not None else None
+        response = self._send(method, path, body, "application/json", stream=True)
+        try:
+            content = _read_at_most(response, MAX_JSON_BODY_BYTES)
+        except requests.RequestException as exc:
+            raise _transport_error(exc) from None
+        finally:
+            response.close()
+        try:
+            orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise _malformed("the body is not JSON") from None
+        return response.status_code, content
+
+    def _send(self, method: str, path: str, body, accept: str, *, stream: bool) -> requests.Response:
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            try:
+                response = self.session.request(
+                    method, url, data=body, headers=self._headers(accept), stream=stream, timeout=self._timeout
+                )
+            except requests.RequestException as exc:
+                error = _transport_error(exc)
+                retryable = isinstance(exc, requests.ConnectionError)  # ConnectTimeout too; ReadTimeout is not
+                delay = _backoff(attempt)
+            else:
+                if response.status_code < 300:
+                    return response
+                error = self._status_error(response)
+                retryable = response.status_code in RETRYABLE_STATUSES
+                delay = _retry_after(response.headers.get("Retry-After"))
+                delay = _backoff(attempt) if delay is None else delay
+            if not retryable or attempt >= self._retries or delay > RETRY_CAP_SECONDS:
+                raise error
+            attempt += 1
+            time.sleep(delay)
+
+    def _status_error(self, response: requests.Response) -> RelayError:
+        try:
+            body = _read_at_most(response, MAX_ERROR_BODY_BYTES)
+        except requests.RequestException:
+            body = b""
+        finally:
+            response.close()
+        status = response.status_code
+        upstream = _error_fields(body)
+        message = redact(upstream.get("message") or f"The upstream answered {status}.", (self._api_key or "",))
+        retry_after = response.headers.get("Retry-After")
+        if status in (401, 403):
+            return RelayError(
+                502,
+                "upstream_auth_failed",
+                "The upstream rejected the relay's credentials; check OPENAI_API_KEY.",
+                outcome="upstream_error",
+            )
+        if status == 429:
+            seconds = _retry_after(retry_after)
+            return RelayError(
+                429,
+                "upstream_rate_limited",
+                "The upstream is rate limiting the relay: " + message,
+                retry_after=max(1, round(seconds)) if seconds is not None else 1,
+                outcome="upstream_error",
+            )
+        if status >= 500:
+            return RelayError(502, "upstream_error", f"The upstream failed ({status}): {message}", outcome="upstream_error")
+        code = upstream.get("code")
+        return RelayError(
+            status,
+            code if isinstance(code, str) and code else "upstream_error",
+            message,
+            error_type=upstream.get("type") if isinstance(upstream.get("type"), str) else None,
+            param=upstream.get("param") if isinstance(upstream.get("param"), str) else None,
+            outcome="upstream_error",
+        )
+
+
+def _read_at_most(response: requests.Response, limit: int) -> bytes:
+    content = response.raw.read(limit + 1, decode_content=True)
+    if len(content) > limit:
+        raise _malformed(f"the body is larger than {limit} bytes")
+    return content
+
+
+def _error_fields(body: bytes) -> dict:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, str):
+        return {"message": error}
+    return error if isinstance(error, dict) else {}
+
+
+def _transport_error(exc: Exception) -> RelayError:
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
+        return RelayError(504, "upstream_timeout", "The upstream did not answer in time.", outcome="timeout")
+    return RelayError(502, "upstream_error", "Could not reach the upstream.", outcome="upstream_error")
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempt))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --- one stream's lifetime -----------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The caller closed its connection."""
+
+
+class _Finished:
+    __slots__ = ("error",)
+
+    def __init__(self, error: RelayError | None):
+        self.error = error
+
+
+def client_socket_closed(sock) -> bool:
+    """True when the caller's socket has been closed or reset; never blocks, never consumes data."""
+    raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait on a would-block; the raw one does not
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class RelayStream:
+    """One relayed answer, from the upstream's open response to the caller's last byte.
+
+    A reader greenlet reads the upstream as bytes arrive and puts translated output on a queue;
+    the caller's side waits on that queue, sending heartbeats while it is silent and checking that
+    the caller is still there. ``close()`` is the one cleanup: it stops the reader, whose
+    ``finally`` closes the upstream response.
+    """
+
+    def __init__(
+        self,
+        response: requests.Response,
+        translator,
+        *,
+        client_gone: Callable[[], bool] = lambda: False,
+        heartbeat_seconds: float | None = None,
+    ):
+        self.translator = translator
+        self.error: RelayError | None = None
+        self.outcome = "ok"
+        self.first_event_at: float | None = None
+        self._client_gone = client_gone
+        self._heartbeat = heartbeat_seconds if translator.sse else None
+        self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
+        self._finished = False
+        self._reader = gevent.spawn(self._read, response)
+
+    # The reader greenlet.
+
+    def _read(self, response: requests.Response) -> None:
+        translator, put = self.translator, self._queue.put
+        decoder = SSEDecoder()
+        try:
+            read = response.raw.read1
+            while True:
+                chunk = read(decode_content=True)
+                if not chunk:
+                    break
+                events = decoder.feed(chunk)
+                if not events:
+                    continue
+                out = b"".join([translator.feed(event) for event in events])
+                if self.first_event_at is None:
+                    self.first_event_at = time.monotonic()
+                    put(out)  # even when empty: the first event is what commits the response
+                elif out:
+                    put(out)
+            if self.first_event_at is None:
+                raise _malformed("the upstream sent no events")
+            tail = translator.end()
+            if tail:
+                put(tail)
+            put(_Finished(None))
+        except RelayError as error:
+            put(_Finished(error))
+        except ValueError as error:  # an over-long line
+            put(_Finished(_malformed(str(error))))
+        except (urllib3.exceptions.HTTPError, requests.RequestException, http.client.HTTPException, OSError) as exc:
+            started = self.first_event_at is not None
+            put(_Finished(_stream_transport_error(exc) if started else _transport_error(exc)))
+        finally:
+            response.close()
+
+    # The caller's side.
+
+    def first(self) -> bytes:
+        """Wait for the upstream's first event; returns its output or raises RelayError/ClientGone."""
+        item = self._next(heartbeat=None)
+        if isinstance(item, _Finished):
+            self._finished = True
+            if item.error is not None:
+                self._fail(item.error)
+                raise item.error
+            return b""
+        return item
+
+    def rest(self) -> Iterator[bytes]:
+        """Everything after the first event, coalesced per wake-up; the failure frame if it fails."""
+        queue = self._queue
+        while not self._finished:
+            item = self._next(heartbeat=self._heartbeat)
+            parts = []
+            while True:
+                if isinstance(item, _Finished):
+                    self._finished = True
+                    if item.error is not None:
+                        self._fail(item.error)
+                        tail = self.translator.error(item.error)
+                        if tail is None:
+                            if parts:
+                                yield b"".join(parts)
+                            raise item.error
+                        parts.append(tail)
+                    break
+                parts.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            yield b"".join(parts)
+
+    def _next(self, heartbeat: float | None):
+        timeout = min(CLIENT_POLL_SECONDS, heartbeat) if heartbeat else CLIENT_POLL_SECONDS
+        silent_since = time.monotonic()
+        while True:
+            try:
+                return self._queue.get(timeout=timeout)
+            except gevent.queue.Empty:
+                pass
+            if self._client_gone():
+                self.outcome = "client_disconnect"
+                raise ClientGone()
+            if heartbeat and time.monotonic() - silent_since >= heartbeat:
+                return PING
+
+    def _fail(self, error: RelayError) -> None:
+        self.error = error
+        self.outcome = error.outcome
+
+    def close(self) -> None:
+        """Stop reading and close the upstream request; safe to call more than once."""
+        if not self._reader.dead:
+            self._reader.kill(block=True, timeout=2)
+
+
+def _stream_transport_error(exc: Exception) -> RelayError:
+    error = _transport_error(exc)
+    if error.status == 504:
+        error.message = "The upstream went silent for longer than the read timeout."
+    else:
+        error.message = "The upstream connection failed mid-stream."
+    return error

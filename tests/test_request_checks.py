@@ -1,0 +1,148 @@
+"""Each request-check rule of the contract, end to end: the JSON error, its status, code and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from fake_upstream import sse_answer, stream_script
+
+PATH = "/api/stream_chat_completion"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def assert_error(result, status: int, code: str, field: str | None = None):
+    assert result.status == status, f"expected {status}, got {result.status}: {result.body!r}"
+    assert result.headers["content-type"] == "application/json"
+    error = result.json()["error"]
+    assert error["code"] == code, error
+    assert error["message"] and error["type"], error
+    if field is not None:
+        assert field in error["message"], f"the message should name {field!r}: {error['message']!r}"
+
+
+@pytest.fixture(scope="module")
+def guarded(relay_factory):
+    return relay_factory(RELAY_MODELS="gpt-ok,script-allowed", RELAY_MAX_TOKENS="100", RELAY_MAX_BODY_BYTES="2048")
+
+
+def test_a_body_that_is_not_json_typed_is_415(relay):
+    result = relay.post(PATH, b"model=x", {"Content-Type": "application/x-www-form-urlencoded"})
+    assert_error(result, 415, "unsupported_media_type")
+
+
+def test_a_body_that_is_not_valid_json_is_400_invalid_json(relay):
+    assert_error(relay.post(PATH, b"{nope", {"Content-Type": "application/json"}), 400, "invalid_json")
+
+
+def test_a_json_body_that_is_not_an_object_is_400_invalid_json(relay):
+    assert_error(relay.post(PATH, [1, 2]), 400, "invalid_json")
+
+
+def test_a_body_over_the_size_limit_is_413(guarded):
+    body = {"model": "gpt-ok", "messages": [{"role": "user", "content": "x" * 4096}]}
+    assert_error(guarded.post(PATH, body), 413, "payload_too_large")
+
+
+def test_a_missing_model_without_a_default_is_400_naming_model(relay):
+    assert_error(relay.post(PATH, {"messages": MESSAGES}), 400, "invalid_request", "model")
+
+
+def test_a_model_that_is_not_a_string_is_400_naming_model(relay):
+    assert_error(relay.post(PATH, {"model": 5, "messages": MESSAGES}), 400, "invalid_request", "model")
+
+
+def test_the_default_model_is_used_when_the_request_names_none(relay_factory, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    relay = relay_factory(RELAY_DEFAULT_MODEL=model)
+    result = relay.post(PATH, {"messages": MESSAGES})
+    assert result.status == 200 and result.text == "ok"
+    assert upstream.seen(model)[0].request.json()["model"] == model
+
+
+def test_a_model_outside_the_allow_list_is_403_model_not_allowed(guarded):
+    assert_error(guarded.post(PATH, {"model": "gpt-other", "messages": MESSAGES}), 403, "model_not_allowed", "gpt-other")
+
+
+def test_a_model_on_the_allow_list_is_relayed(guarded, upstream):
+    upstream.script(stream_script(sse_answer(["fine"])), name="script-allowed")
+    result = guarded.post(PATH, {"model": "script-allowed", "messages": MESSAGES})
+    assert result.status == 200 and result.text == "fine"
+
+
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        (None, "messages"),
+        ([], "messages"),
+        ("hi", "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": "robot", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": "ok"}, {"role": "user", "content": ["not a part"]}], "messages[1].content"),
+    ],
+)
+def test_malformed_messages_are_400_naming_the_field(relay, messages, field):
+    body = {"model": "m", "messages": messages} if messages is not None else {"model": "m"}
+    assert_error(relay.post(PATH, body), 400, "invalid_request", field)
+
+
+def test_content_parts_and_every_role_are_accepted(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "developer", "content": "d"},
+        {"role": "user", "content": [{"type": "text", "text": "u"}]},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "again"},
+    ]
+    assert relay.post(PATH, {"model": model, "messages": messages}).status == 200
+
+
+def test_an_unknown_field_is_400_unknown_parameter_naming_it(relay):
+    result = relay.post(PATH, {"model": "m", "messages": MESSAGES, "tools": []})
+    assert_error(result, 400, "unknown_parameter", "tools")
+
+
+def test_the_accepted_optional_fields_are_passed_on(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    options = {
+        "temperature": 0.2, "top_p": 0.9, "max_tokens": 50, "stop": ["\n"], "presence_penalty": 0.1,
+        "frequency_penalty": 0.1, "seed": 7, "user": "u-1", "logit_bias": {"50256": -100},
+        "response_format": {"type": "text"}, "reasoning_effort": "low", "n": 1, "stream": True,
+    }  # fmt: skip
+    assert relay.post(PATH, {"model": model, "messages": MESSAGES, **options}).status == 200
+    sent = upstream.seen(model)[0].request.json()
+    for name, value in options.items():
+        assert sent[name] == value, name
+
+
+@pytest.mark.parametrize("stream", [False, "yes", None])
+def test_stream_other_than_true_is_400_invalid_request(relay, stream):
+    assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "stream": stream}), 400, "invalid_request", "stream")
+
+
+@pytest.mark.parametrize("n", [2, 0, True])
+def test_n_other_than_one_is_400_invalid_request(relay, n):
+    assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "n": n}), 400, "invalid_request", "n")
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_above_the_cap_is_400_max_tokens_too_large(guarded, field):
+    result = guarded.post(PATH, {"model": "gpt-ok", "messages": MESSAGES, field: 101})
+    assert_error(result, 400, "max_tokens_too_large", field)
+
+
+def test_max_tokens_that_is_not_a_positive_integer_is_400(relay):
+    assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "max_tokens": -1}), 400, "invalid_request", "max_tokens")
+
+
+def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstream):
+    upstream.script(stream_script(sse_answer(["ok"])), name="script-allowed")
+    guarded.post(PATH, {"model": "script-allowed", "messages": MESSAGES})
+    assert upstream.seen("script-allowed")[-1].request.json()["max_completion_tokens"] == 100
+
+
+def test_unknown_paths_and_methods_get_json_errors(relay):
+    assert_error(relay.request("GET", "/nope"), 404, "not_found")
+    assert_error(relay.request("GET", PATH), 405, "method_not_allowed")

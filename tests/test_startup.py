@@ -1,0 +1,92 @@
+"""Starting the relay: modes, bad settings refused with one line, and demo mode end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+from settings import SettingsError, load_settings
+
+BASE = {"OPENAI_API_KEY": "sk-test-key-for-settings"}
+
+
+def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "HOST": "127.0.0.1",
+                "PORT": str(free_port()), **env}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("RELAY_READ_TIMEOUT", "soon"),
+        ("RELAY_CONNECT_TIMEOUT", "-1"),
+        ("RELAY_RETRIES", "many"),
+        ("RELAY_RATE_LIMIT", "lots/minute"),
+        ("OPENAI_BASE_URL", "ftp://example"),
+        ("RELAY_MAX_BODY_BYTES", "1.5"),
+        ("RELAY_ALLOWED_ORIGINS", "example.com"),
+        ("REDIS_URL", "http://localhost"),
+        ("WEB_CONCURRENCY", "0"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
+    result = start_gunicorn({**BASE, name: value})
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert output.count("\n") == 0, f"expected one line, got:\n{output}"
+    assert name in output and "Traceback" not in output
+
+
+def test_neither_key_nor_demo_refuses_to_start_naming_both_options():
+    result = start_gunicorn({})
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and output.count("\n") == 0
+    assert "OPENAI_API_KEY" in output and "RELAY_DEMO" in output
+
+
+def test_python_app_py_refuses_a_bad_setting_with_one_line():
+    env = {"PATH": os.environ["PATH"], **BASE, "RELAY_HEARTBEAT_SECONDS": "0"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and output.count("\n") == 0 and "RELAY_HEARTBEAT_SECONDS" in output
+
+
+def test_settings_defaults_match_the_contract():
+    settings = load_settings(BASE)
+    assert settings.base_url == "https://api.openai.com/v1"
+    assert (settings.connect_timeout, settings.read_timeout, settings.retries) == (5, 120, 2)
+    assert (settings.heartbeat_seconds, settings.graceful_timeout, settings.max_body_bytes) == (15, 30, 1_048_576)
+    assert settings.worker_connections == 2000 and settings.trusted_proxies == 0
+    assert "sk-test" not in repr(settings), "the key must not appear in the settings' repr"
+
+
+def test_a_keyless_upstream_is_allowed_when_the_base_url_is_explicit():
+    settings = load_settings({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"})
+    assert settings.api_key is None and settings.upstream_label == "127.0.0.1:11434"
+    with pytest.raises(SettingsError):
+        load_settings({})
+
+
+def test_demo_mode_streams_a_paced_answer_and_shows_it(relay_factory):
+    relay = relay_factory(RELAY_DEMO="1", OPENAI_API_KEY="<unset>", OPENAI_BASE_URL="<unset>")
+    assert relay.request("GET", "/healthz").json()["upstream"] == "demo"
+    assert "DEMO MODE" in relay.log()
+    result = relay.stream("demo")
+    assert result.status == 200 and result.complete
+    assert result.text.startswith("This is Chat Relay in demo mode") or len(result.text) > 100
+    first_byte = result.pieces[0][0]
+    assert 0.2 < first_byte < 1.5, f"first token after {first_byte:.2f}s; expected about 0.3s"
+    assert len(result.pieces) > 20, "the demo answer should arrive token by token"
+    spread = result.pieces[-1][0] - first_byte
+    assert len(result.pieces) / spread < 60, "demo pacing should be around 30 tokens/s"
+    page = relay.request("GET", "/")
+    assert page.status == 200 and b"relay" in page.body.lower()

@@ -1,0 +1,225 @@
+"""End to end: POST /api/stream_chat_completion through a real gunicorn and the socket-level upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import UPSTREAM_KEY
+from fake_upstream import chunk, sse_answer, stream_script
+
+TOKENS = ["Hel", "lo", ", ", "wor", "ld", "!"]
+
+
+def parse_sse(body: bytes) -> list[tuple[str | None, str]]:
+    """(event type, data) pairs of an SSE body, comments skipped."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        kind, data = None, []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+        if data:
+            events.append((kind, "\n".join(data)))
+    return events
+
+
+def assert_arrives_token_by_token(result, expected_pieces: int, spacing: float):
+    """Each token must reach the client as its own piece, about ``spacing`` seconds after the last."""
+    times = [t for t, piece in result.pieces if piece]
+    assert len(times) >= expected_pieces, f"expected {expected_pieces} separate pieces, got {result.pieces!r}"
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert all(gap > spacing * 0.5 for gap in gaps[: expected_pieces - 1]), f"tokens were buffered: gaps {gaps}"
+
+
+def test_plain_text_body_is_the_concatenated_tokens_with_the_express_headers(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS, usage={"completion_tokens": 6})))
+    result = relay.stream(model)
+    assert result.status == 200, result.body
+    assert result.text == "Hello, world!"
+    assert result.complete
+    assert result.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert result.headers["cache-control"] == "no-cache, no-transform"
+    assert result.headers["x-accel-buffering"] == "no"
+    assert result.headers["x-content-type-options"] == "nosniff"
+    assert result.headers["transfer-encoding"] == "chunked"
+
+
+def test_event_stream_format_sends_meta_tokens_and_done_with_usage(relay, upstream):
+    usage = {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    model = upstream.script(stream_script(sse_answer(TOKENS, usage=usage)))
+    result = relay.stream(model, sse=True)
+    assert result.status == 200
+    assert result.headers["content-type"] == "text/event-stream; charset=utf-8"
+    events = parse_sse(result.body)
+    assert events[0][0] == "meta"
+    assert json.loads(events[0][1]) == {"id": "chatcmpl-fake", "model": "fake-model", "created": 1700000000}
+    assert [json.loads(data)["content"] for kind, data in events[1:-1]] == TOKENS
+    assert all(kind is None for kind, _ in events[1:-1])
+    assert events[-1][0] == "done"
+    assert json.loads(events[-1][1]) == {"finish_reason": "stop", "usage": usage}
+
+
+def test_each_token_reaches_the_client_as_it_arrives(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS), delay=0.15))
+    result = relay.stream(model)
+    assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+def test_each_event_reaches_the_client_as_it_arrives_in_sse_format(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS), delay=0.15))
+    result = relay.stream(model, sse=True)
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+def test_non_chunked_upstream_body_is_still_relayed_token_by_token(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS), delay=0.15, chunked=False))
+    result = relay.stream(model)
+    assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+def test_gzip_upstream_body_is_decoded_and_relayed_token_by_token(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS), delay=0.15, gzip_body=True))
+    result = relay.stream(model)
+    assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+def test_multibyte_characters_split_across_network_reads_arrive_intact(relay, upstream):
+    text = ["日本語", "の", "テキスト", " 🎉"]
+    body = b"".join(sse_answer(text))
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]  # cuts inside characters and lines
+
+    def script(conn):
+        conn.start()
+        for piece in pieces:
+            conn.send(piece)
+            time.sleep(0.002)
+        conn.end()
+
+    result = relay.stream(upstream.script(script))
+    assert result.text == "日本語のテキスト 🎉"
+
+
+def test_cr_and_crlf_line_ends_and_a_crlf_split_across_reads(relay, upstream):
+    events = [chunk(role="assistant", content=""), chunk("a"), chunk("b"), chunk(finish_reason="stop")]
+
+    def script(conn):
+        conn.start()
+        conn.send(f"data: {events[0]}\r\n\r\n".encode())
+        conn.send(f"data:{events[1]}\r".encode())  # CRLF split across two reads
+        time.sleep(0.05)
+        conn.send(b"\n\r\n")
+        conn.send(f"data: {events[2]}\r\r".encode())  # bare CR line ends
+        conn.send(f"data: {events[3]}\n\ndata: [DONE]\n\n".encode())
+        conn.end()
+
+    assert relay.stream(upstream.script(script)).text == "ab"
+
+
+def test_bom_comments_and_blocks_without_data_are_handled(relay, upstream):
+    answer = sse_answer(["x", "y"])
+
+    def script(conn):
+        conn.start()
+        conn.send(b"\xef\xbb\xbf: keep-alive comment\n\n" + answer[0])
+        conn.send(b"event: ping\n\n")  # no data: no event
+        conn.send(b"".join(answer[1:]))
+        conn.end()
+
+    result = relay.stream(upstream.script(script), sse=True)
+    assert [kind for kind, _ in parse_sse(result.body)] == ["meta", None, None, "done"]
+
+
+def test_line_and_paragraph_separators_inside_json_are_not_line_ends(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["a\u2028b", "c\u2029d", "e\u0085f"])))
+    assert relay.stream(model).text == "a\u2028bc\u2029de\u0085f"
+
+
+def test_upstream_charset_is_ignored_and_utf8_is_used(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["café"]), content_type="text/event-stream; charset=iso-8859-1"))
+    assert relay.stream(model).text == "café"
+
+
+def test_usage_chunk_and_null_content_produce_no_tokens(relay, upstream):
+    events = [
+        f"data: {chunk(role='assistant', content=None)}\n\n".encode(),
+        f"data: {chunk('only')}\n\n".encode(),
+        f"data: {chunk(finish_reason='stop')}\n\n".encode(),
+        f"data: {chunk(usage={'completion_tokens': 1}, choices=False)}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    parsed = parse_sse(result.body)
+    assert [json.loads(data) for kind, data in parsed if kind is None] == [{"content": "only"}]
+    assert json.loads(parsed[-1][1])["usage"] == {"completion_tokens": 1}
+
+
+def test_upstream_request_carries_the_key_stream_true_and_not_the_callers_credentials(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    relay.stream(model, headers={"Authorization": "Bearer caller-token", "Cookie": "session=1"})
+    request = upstream.seen(model)[0].request
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "cookie" not in request.headers
+    sent = request.json()
+    assert sent["stream"] is True
+    assert sent["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_mid_stream_error_event_ends_sse_with_event_error(relay, upstream):
+    events = sse_answer(["a", "b"], done=False)[:3] + [b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n']
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    parsed = parse_sse(result.body)
+    assert parsed[-1][0] == "error", parsed
+    assert "overloaded" in json.loads(parsed[-1][1])["error"]["message"]
+    assert not any(kind == "done" for kind, _ in parsed)
+
+
+def test_truncated_upstream_aborts_the_plain_text_answer(relay, upstream):
+    events = sse_answer(["a", "b", "c"], done=False)[:3]  # no finish_reason, no [DONE]
+    result = relay.stream(upstream.script(stream_script(events)))
+    assert result.status == 200
+    assert result.text == "ab"
+    assert not result.complete, "a truncated answer must not end with the final chunk"
+
+
+def test_truncated_upstream_ends_sse_with_event_error(relay, upstream):
+    events = sse_answer(["a", "b", "c"], done=False)[:3]
+    parsed = parse_sse(relay.stream(upstream.script(stream_script(events)), sse=True).body)
+    assert parsed[-1][0] == "error"
+    assert json.loads(parsed[-1][1])["error"]["code"] == "upstream_error"
+
+
+def test_one_json_log_line_per_request_with_the_contract_fields(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS, usage={"completion_tokens": 6})))
+    result = relay.stream(model, headers={"X-Request-ID": "req-abc.123"})
+    assert result.headers["x-request-id"] == "req-abc.123"
+    [line] = relay.wait_access_line("/api/stream_chat_completion", request_id="req-abc.123")
+    assert set(line) >= {
+        "ts", "request_id", "method", "path", "status", "model", "caller",
+        "ttft_s", "duration_s", "completion_tokens", "outcome",
+    }  # fmt: skip
+    assert line["status"] == 200 and line["outcome"] == "ok" and line["model"] == model
+    assert line["completion_tokens"] == 6
+    assert "hi" not in json.dumps(line["model"])
+
+
+def test_an_insane_request_id_is_replaced(relay):
+    result = relay.request("GET", "/healthz", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200})
+    assert result.headers["x-request-id"] and " " not in result.headers["x-request-id"]
+
+
+def test_healthz_names_the_upstream_without_calling_it(relay, upstream):
+    result = relay.request("GET", "/healthz")
+    assert result.status == 200
+    assert result.json() == {"status": "ok", "upstream": f"127.0.0.1:{upstream.port}"}
