@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import logging
 import random
 import re
 import socket
@@ -35,6 +36,7 @@ RETRY_BASE_SECONDS = 0.25
 RETRY_CAP_SECONDS = 8.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
+log = logging.getLogger("chat_relay")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 
@@ -71,11 +73,14 @@ class SSEDecoder:
         self._skip_lf = False
         self._event: bytes | None = None
         self._data: list[bytes] = []
+        self._data_size = 0
         self._id: bytes | None = None
         self._lines: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        """The events completed by ``chunk``; raises ``ValueError`` on an over-long line."""
+        """The events completed by ``chunk``; raises ``ValueError`` on an over-long line or event."""
+        if not chunk:
+            return []
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -94,7 +99,7 @@ class SSEDecoder:
         else:
             lines = data.split(b"\n")
         self._pending = lines.pop()
-        if len(self._pending) > self._max_line_bytes:
+        if len(data) > self._max_line_bytes and max([len(self._pending), *map(len, lines)]) > self._max_line_bytes:
             raise ValueError(f"upstream sent a line longer than {self._max_line_bytes} bytes")
         events = []
         for line in lines:
@@ -113,6 +118,9 @@ class SSEDecoder:
             value = value[1:]
         if name == b"data":
             self._data.append(value)
+            self._data_size += len(value)
+            if self._data_size > self._max_line_bytes:
+                raise ValueError(f"upstream sent an event larger than {self._max_line_bytes} bytes")
         elif name == b"event":
             self._event = value
         elif name == b"id":
@@ -127,7 +135,7 @@ class SSEDecoder:
         event = None
         if self._data:
             event = ServerSentEvent(self._event, b"\n".join(self._data), self._id, self._lines)
-        self._event, self._data, self._lines = None, [], []
+        self._event, self._data, self._lines, self._data_size = None, [], [], 0
         return event
 
 
@@ -206,7 +214,12 @@ class TokenTranslator:
         if event.data == b"[DONE]":
             self._saw_done = True
             return b""
-        chunk = _parse_chunk(event.data)
+        try:
+            return self._translate(_parse_chunk(event.data))
+        except (AttributeError, TypeError, KeyError, IndexError):
+            raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
+
+    def _translate(self, chunk: dict) -> bytes:
         out = b""
         if self.model is None:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
@@ -262,8 +275,11 @@ class PassthroughTranslator:
     def feed(self, event: ServerSentEvent) -> bytes:
         if event.data == b"[DONE]":
             self._saw_done = True
-        else:
+            return b"\n".join(event.lines) + b"\n\n"
+        try:
             self._observe(_parse_chunk(event.data))
+        except (AttributeError, TypeError, KeyError, IndexError):
+            raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
         return b"\n".join(event.lines) + b"\n\n"
 
     def _observe(self, chunk: dict) -> None:
@@ -539,6 +555,9 @@ class RelayStream:
         except (urllib3.exceptions.HTTPError, requests.RequestException, http.client.HTTPException, OSError) as exc:
             started = self.first_event_at is not None
             put(_Finished(_stream_transport_error(exc) if started else _transport_error(exc)))
+        except Exception:
+            log.exception("the stream reader failed unexpectedly")
+            put(_Finished(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error")))
         finally:
             response.close()
 
