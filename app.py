@@ -273,12 +273,16 @@ def _passthrough_request(body: dict, settings: Settings) -> dict:
 
 
 def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
-    """Open the upstream stream, wait for its first event, then commit to a 200 and stream the rest."""
+    """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
     settings = relay.settings
     client_socket = request.environ.get("gunicorn.socket")
     client_gone = (lambda: client_socket_closed(client_socket)) if client_socket is not None else (lambda: False)
-    response = relay.upstream.open_stream("/chat/completions", payload)
-    stream = RelayStream(response, translator, client_gone=client_gone, heartbeat_seconds=settings.heartbeat_seconds)
+    stream = RelayStream(
+        lambda: relay.upstream.open_stream("/chat/completions", payload),
+        translator,
+        client_gone=client_gone,
+        heartbeat_seconds=settings.heartbeat_seconds,
+    )
     started = g.started
     try:
         first = stream.first()

@@ -6,6 +6,7 @@ server here with one line, before any worker starts.
 
 import math
 import resource
+import signal
 import sys
 
 from dotenv import load_dotenv
@@ -37,9 +38,10 @@ worker_connections = _settings.worker_connections
 # against it: gevent workers report from their own loop, not per request.
 timeout = 30
 
-# On SIGTERM or HUP, in-flight streams get this long to finish (RELAY_GRACEFUL_TIMEOUT); new
-# connections are refused meanwhile. A stream cut at the deadline ends without its final chunk.
-graceful_timeout = math.ceil(_settings.graceful_timeout)
+# On SIGTERM or HUP, in-flight streams get RELAY_GRACEFUL_TIMEOUT to finish while new connections
+# are refused. The relay itself ends the streams still open at that deadline, as failures the
+# caller can see (see post_worker_init); gunicorn's own kill comes a few seconds later, as a backstop.
+graceful_timeout = math.ceil(_settings.graceful_timeout) + 5
 
 # Idle keep-alive, in seconds. Longer than the 60 s idle timeout of common load balancers, so the
 # balancer, not the relay, closes idle connections and never reuses one the relay just closed.
@@ -57,6 +59,19 @@ control_socket_disable = True
 
 # Request line and header limits stay at gunicorn's defaults; bodies are capped by the relay
 # (RELAY_MAX_BODY_BYTES).
+
+
+def post_worker_init(worker):
+    """Start the relay's own shutdown clock when this worker is told to stop (SIGTERM, or HUP's restart)."""
+    import streaming
+
+    stop_worker = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        streaming.begin_shutdown(_settings.graceful_timeout)
+        stop_worker(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
 
 
 def on_starting(server):

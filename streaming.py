@@ -473,6 +473,25 @@ def _retry_after(value: str | None) -> float | None:
 # --- one stream's lifetime -----------------------------------------------------------------------
 
 
+_shutdown_deadline = float("inf")
+
+
+def begin_shutdown(grace_seconds: float) -> None:
+    """The server is stopping: streams still open ``grace_seconds`` from now end as failures."""
+    global _shutdown_deadline
+    _shutdown_deadline = min(_shutdown_deadline, time.monotonic() + grace_seconds)
+
+
+def _shutdown_error() -> RelayError:
+    return RelayError(
+        503,
+        "shutting_down",
+        "The relay restarted before the answer was complete; ask again.",
+        retry_after=1,
+        outcome="timeout",
+    )
+
+
 class ClientGone(Exception):
     """The caller closed its connection."""
 
@@ -496,9 +515,10 @@ def client_socket_closed(sock) -> bool:
 
 
 class RelayStream:
-    """One relayed answer, from the upstream's open response to the caller's last byte.
+    """One relayed answer, from the upstream call to the caller's last byte.
 
-    A reader greenlet reads the upstream as bytes arrive and puts translated output on a queue;
+    A reader greenlet makes the upstream call (retries included), reads the body as bytes arrive
+    and puts translated output on a queue;
     the caller's side waits on that queue, sending heartbeats while it is silent and checking that
     the caller is still there. ``close()`` is the one cleanup: it stops the reader, whose
     ``finally`` closes the upstream response.
@@ -506,7 +526,7 @@ class RelayStream:
 
     def __init__(
         self,
-        response: requests.Response,
+        open_upstream: Callable[[], requests.Response],
         translator,
         *,
         client_gone: Callable[[], bool] = lambda: False,
@@ -520,14 +540,16 @@ class RelayStream:
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
         self._finished = False
-        self._reader = gevent.spawn(self._read, response)
+        self._reader = gevent.spawn(self._read, open_upstream)
 
     # The reader greenlet.
 
-    def _read(self, response: requests.Response) -> None:
+    def _read(self, open_upstream: Callable[[], requests.Response]) -> None:
         translator, put = self.translator, self._queue.put
         decoder = SSEDecoder()
+        response = None
         try:
+            response = open_upstream()
             read = response.raw.read1
             while True:
                 chunk = read(decode_content=True)
@@ -559,7 +581,8 @@ class RelayStream:
             log.exception("the stream reader failed unexpectedly")
             put(_Finished(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error")))
         finally:
-            response.close()
+            if response is not None:
+                response.close()
 
     # The caller's side.
 
@@ -579,6 +602,8 @@ class RelayStream:
         queue = self._queue
         while not self._finished:
             item = self._next(heartbeat=self._heartbeat)
+            if time.monotonic() >= _shutdown_deadline:
+                item = _Finished(_shutdown_error())
             parts = []
             while True:
                 if isinstance(item, _Finished):
@@ -599,6 +624,7 @@ class RelayStream:
             yield b"".join(parts)
 
     def _next(self, heartbeat: float | None):
+        """The next queued item, a heartbeat after ``heartbeat`` seconds of silence, or ClientGone."""
         timeout = min(CLIENT_POLL_SECONDS, heartbeat) if heartbeat else CLIENT_POLL_SECONDS
         silent_since = time.monotonic()
         while True:
@@ -606,10 +632,13 @@ class RelayStream:
                 return self._queue.get(timeout=timeout)
             except gevent.queue.Empty:
                 pass
+            now = time.monotonic()
+            if now >= _shutdown_deadline:
+                return _Finished(_shutdown_error())
             if self._client_gone():
                 self.outcome = "client_disconnect"
                 raise ClientGone()
-            if heartbeat and time.monotonic() - silent_since >= heartbeat:
+            if heartbeat and now - silent_since >= heartbeat:
                 return PING
 
     def _fail(self, error: RelayError) -> None:

@@ -54,11 +54,9 @@ class Conn:
         self.sock.sendall(data)
 
     def start(self, status=200, content_type="text/event-stream", headers=(), chunked=True, gzip_body=False):
-        lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}"]
+        lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}", "Connection: close"]
         if chunked:
             lines.append("Transfer-Encoding: chunked")
-        else:
-            lines.append("Connection: close")
         if gzip_body:
             lines.append("Content-Encoding: gzip")
             self._gzip = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -88,7 +86,8 @@ class Conn:
         payload = json.dumps(body).encode() if not isinstance(body, bytes) else body
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         self.send_raw(
-            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n{extra}\r\n".encode()
+            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode()
             + payload
         )
 
@@ -158,7 +157,7 @@ def stream_script(events, *, delay=0.0, first_delay=0.0, **start):
 
 
 class FakeUpstream:
-    """The server: one thread per connection, one HTTP request per connection."""
+    """The server: one thread per connection, one HTTP request per connection (it says so: Connection: close)."""
 
     def __init__(self):
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)

@@ -1,0 +1,391 @@
+"""Bad days, end to end: the error table, retries, timeouts, disconnects, heartbeats and shutdown."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import UPSTREAM_KEY, free_port
+from fake_upstream import chunk, sse_answer, stream_script
+from test_token_stream import parse_sse
+
+ENDPOINTS = ["/api/stream_chat_completion", "/v1/chat/completions"]
+
+
+def post(relay, path: str, model: str, sse: bool = False, **kwargs):
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    if path.startswith("/v1"):
+        body["stream"] = True
+    headers = {"Accept": "text/event-stream"} if sse else {}
+    return relay.post(path, body, headers, **kwargs)
+
+
+def assert_error(result, status: int, code: str):
+    assert result.status == status, f"expected {status} {code}, got {result.status}: {result.body!r}"
+    assert result.headers["content-type"] == "application/json"
+    assert result.json()["error"]["code"] == code, result.body
+    assert UPSTREAM_KEY not in result.text
+
+
+def failing(status: int, body=None, headers=()):
+    body = body if body is not None else {"error": {"message": f"upstream says {status}", "type": "x", "code": None}}
+    return lambda conn: conn.json_response(status, body, headers)
+
+
+@pytest.fixture(scope="module")
+def no_retry(relay_factory):
+    return relay_factory(RELAY_RETRIES="0")
+
+
+# --- the error table, on both streaming endpoints --------------------------------------------
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_upstream_401_and_403_are_502_upstream_auth_failed(no_retry, upstream, path):
+    for status in (401, 403):
+        model = upstream.script(failing(status, {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}))
+        assert_error(post(no_retry, path, model), 502, "upstream_auth_failed")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_other_upstream_4xx_keep_their_status_and_message_with_the_key_redacted(no_retry, upstream, path):
+    body = {"error": {"message": f"bad value; your key {UPSTREAM_KEY} was used", "type": "invalid_request_error",
+                      "code": "invalid_value"}}  # fmt: skip
+    model = upstream.script(failing(400, body))
+    result = post(no_retry, path, model)
+    assert_error(result, 400, "invalid_value")
+    assert "bad value" in result.json()["error"]["message"]
+    model = upstream.script(failing(422, {"error": {"message": "nope"}}))
+    assert_error(post(no_retry, path, model), 422, "upstream_error")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_upstream_429_after_retries_is_429_upstream_rate_limited_with_retry_after(no_retry, upstream, path):
+    model = upstream.script(failing(429, headers=[("Retry-After", "7")]))
+    result = post(no_retry, path, model)
+    assert_error(result, 429, "upstream_rate_limited")
+    assert result.headers["retry-after"] == "7"
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_upstream_5xx_after_retries_is_502_upstream_error(no_retry, upstream, path):
+    assert_error(post(no_retry, path, upstream.script(failing(503))), 502, "upstream_error")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_a_refused_connection_is_502_upstream_error(relay_factory, path):
+    relay = relay_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", RELAY_RETRIES="0")
+    assert_error(post(relay, path, "m"), 502, "upstream_error")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_an_upstream_200_that_is_not_an_event_stream_is_502(no_retry, upstream, path):
+    model = upstream.script(failing(200, {"choices": []}))
+    assert_error(post(no_retry, path, model), 502, "upstream_error")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_a_first_event_that_is_an_error_is_a_json_502(no_retry, upstream, path):
+    model = upstream.script(stream_script([b'data: {"error": {"message": "model overloaded"}}\n\n']))
+    result = post(no_retry, path, model)
+    assert_error(result, 502, "upstream_error")
+    assert "model overloaded" in result.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_an_absurdly_long_line_fails_clearly_and_the_worker_keeps_serving(no_retry, upstream, path):
+    def script(conn):
+        conn.start()
+        for _ in range(40):  # 2.5 MiB without a line end
+            conn.send(b"x" * 65536)
+        conn.end()
+
+    assert_error(post(no_retry, path, upstream.script(script)), 502, "upstream_error")
+    model = upstream.script(stream_script(sse_answer(["still", " here"])))
+    assert post(no_retry, path, model).status == 200
+
+
+def test_connect_timeout_is_504_upstream_timeout(relay_factory):
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue, so further SYNs go unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(blackhole.getsockname())
+        fillers.append(filler)
+    try:
+        relay = relay_factory(
+            OPENAI_BASE_URL=f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1",
+            RELAY_CONNECT_TIMEOUT="0.5", RELAY_RETRIES="0",
+        )  # fmt: skip
+        started = time.monotonic()
+        assert_error(post(relay, ENDPOINTS[0], "m"), 504, "upstream_timeout")
+        assert time.monotonic() - started < 3
+    finally:
+        for sock in [blackhole, *fillers]:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def impatient(relay_factory):
+    return relay_factory(RELAY_READ_TIMEOUT="0.6", RELAY_RETRIES="2", RELAY_HEARTBEAT_SECONDS="5")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_silence_before_the_first_byte_is_504_and_not_retried(impatient, upstream, path):
+    model = upstream.script(lambda conn: conn.sleep_unless_hangup(3))
+    assert_error(post(impatient, path, model), 504, "upstream_timeout")
+    assert len(upstream.seen(model)) == 1, "read timeouts must not be retried"
+
+
+def test_silence_between_tokens_ends_sse_with_event_error_timeout(impatient, upstream):
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=2))
+    result = post(impatient, ENDPOINTS[0], model, sse=True)
+    events = parse_sse(result.body)
+    assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == "upstream_timeout", events
+
+
+def test_silence_between_tokens_aborts_the_plain_text_answer(impatient, upstream):
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=2))
+    result = post(impatient, ENDPOINTS[0], model)
+    assert result.text == "" and not result.complete
+
+
+def test_silence_between_tokens_ends_the_passthrough_with_a_data_error_event(impatient, upstream):
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=2))
+    result = post(impatient, ENDPOINTS[1], model)
+    last = [line for line in result.body.split(b"\n") if line.startswith(b"data:")][-1]
+    assert json.loads(last[5:])["error"]["code"] == "upstream_timeout"
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+def flaky(failures: list):
+    """A script failing with the given statuses ("reset" drops the connection), then answering."""
+    attempts = iter(failures)
+
+    def script(conn):
+        failure = next(attempts, None)
+        if failure == "reset":
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return
+        if failure is not None:
+            conn.json_response(failure, {"error": {"message": "try again"}}, [("Retry-After", "0")])
+            return
+        stream_script(sse_answer(["recovered"]))(conn)
+
+    return script
+
+
+@pytest.mark.parametrize("failures", [[429, 503], [500, 502], [504, "reset"]])
+def test_transient_failures_before_the_first_byte_are_retried(relay, upstream, failures):
+    model = upstream.script(flaky(failures))
+    result = post(relay, ENDPOINTS[0], model)
+    assert result.status == 200 and result.text == "recovered"
+    assert len(upstream.seen(model)) == 3
+
+
+def test_retries_stop_at_relay_retries(relay, upstream):
+    model = upstream.script(flaky([503, 503, 503, 503]))
+    assert_error(post(relay, ENDPOINTS[0], model), 502, "upstream_error")
+    assert len(upstream.seen(model)) == 3, "RELAY_RETRIES=2 means three attempts in all"
+
+
+def test_retry_after_is_honoured(relay, upstream):
+    calls = []
+
+    def script(conn):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            conn.json_response(429, {"error": {"message": "wait"}}, [("Retry-After", "1")])
+        else:
+            stream_script(sse_answer(["ok"]))(conn)
+
+    result = post(relay, ENDPOINTS[0], upstream.script(script))
+    assert result.status == 200
+    assert calls[1] - calls[0] >= 0.95, "the relay must wait the upstream's Retry-After"
+
+
+def test_a_retry_after_beyond_the_cap_is_passed_to_the_caller_at_once(relay, upstream):
+    model = upstream.script(failing(429, headers=[("Retry-After", "120")]))
+    started = time.monotonic()
+    result = post(relay, ENDPOINTS[0], model)
+    assert_error(result, 429, "upstream_rate_limited")
+    assert result.headers["retry-after"] == "120" and time.monotonic() - started < 2
+    assert len(upstream.seen(model)) == 1
+
+
+def test_nothing_is_retried_once_a_byte_reached_the_caller(relay, upstream):
+    def script(conn):
+        conn.start()
+        conn.send(sse_answer(["a"])[0] + sse_answer(["a"])[1])
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    model = upstream.script(script)
+    result = post(relay, ENDPOINTS[0], model, sse=True)
+    assert parse_sse(result.body)[-1][0] == "error"
+    assert len(upstream.seen(model)) == 1
+
+
+# --- the caller goes away ------------------------------------------------------------------
+
+
+def open_and_abandon(relay, model: str, read_first: bool = True) -> float:
+    """Start a stream, read its first bytes, hang up; returns when the caller hung up."""
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock.sendall(
+        b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    if read_first:
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+    return time.monotonic()
+
+
+def silent_after_first_event(hold: float = 20):
+    def script(conn):
+        conn.start()
+        conn.send(sse_answer(["first"])[0])
+        conn.sleep_unless_hangup(hold)
+
+    return script
+
+
+def test_client_abort_closes_upstream_while_silent(relay, upstream):
+    model = upstream.script(silent_after_first_event())
+    gone_at = open_and_abandon(relay, model)
+    exchange = upstream.wait_seen(model)[0]
+    assert exchange.finished.wait(5), "the upstream request was never closed"
+    assert exchange.closed_by_peer_at is not None
+    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+    [line] = relay.wait_access_line("/api/stream_chat_completion", model=model)
+    assert line["outcome"] == "client_disconnect"
+
+
+def test_client_abort_before_the_first_event_closes_upstream(relay, upstream):
+    model = upstream.script(lambda conn: conn.sleep_unless_hangup(20))
+    gone_at = open_and_abandon(relay, model, read_first=False)
+    exchange = upstream.wait_seen(model)[0]
+    assert exchange.finished.wait(5) and exchange.closed_by_peer_at - gone_at < 2.0
+
+
+def _worker_pids(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_thousand_aborted_streams_leak_no_connection(relay_factory, upstream):
+    relay = relay_factory(fresh=True)
+    try:
+        [worker] = _worker_pids(relay.proc.pid)
+        model = upstream.script(silent_after_first_event())
+
+        def abort_thousand() -> list:
+            """1,000 streams abandoned by 10 callers at once; waits until the upstream saw them all closed."""
+            already = len(upstream.seen(model))
+            threads = [threading.Thread(target=lambda: [open_and_abandon(relay, model) for _ in range(100)]) for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            exchanges = upstream.wait_seen(model, already + 1000, timeout=30)[already:]
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not all(e.finished.is_set() for e in exchanges):
+                time.sleep(0.1)
+            time.sleep(0.5)
+            return exchanges
+
+        abort_thousand()  # the first round sets the allocator's high-water mark
+        fds_before, rss_before = _fd_count(worker), _rss_kib(worker)
+        exchanges = abort_thousand()
+        assert len(exchanges) == 1000
+        still_open = sum(not e.finished.is_set() for e in exchanges)
+        assert still_open == 0, f"{still_open} upstream requests were never closed"
+        fds_after, rss_after = _fd_count(worker), _rss_kib(worker)
+        assert fds_after <= fds_before + 2, f"worker fds grew from {fds_before} to {fds_after}"
+        assert rss_after - rss_before < 4096, f"1,000 more aborted streams grew the worker by {rss_after - rss_before} KiB"
+        assert post(relay, ENDPOINTS[0], upstream.script(stream_script(sse_answer(["ok"])))).text == "ok"
+    finally:
+        relay.stop()
+
+
+# --- heartbeats --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_heartbeats_flow_while_the_upstream_is_silent(relay_factory, upstream, path):
+    relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.3")
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=0.8))
+    result = post(relay, path, model, sse=True)
+    pings = result.body.count(b": ping\n\n")
+    assert 6 <= pings <= 14, f"expected two or three pings in each 0.8 s silence, got {pings}"
+    assert result.complete
+    if path == ENDPOINTS[0]:
+        assert [kind for kind, _ in parse_sse(result.body)] == ["meta", None, None, "done"]
+
+
+def test_plain_text_answers_get_no_heartbeats(relay_factory, upstream):
+    relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.3")
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=0.5))
+    result = post(relay, ENDPOINTS[0], model)
+    assert result.body == b"ab" and result.complete
+
+
+# --- graceful shutdown ---------------------------------------------------------------------
+
+
+def test_sigterm_finishes_streams_in_flight_refuses_new_ones_and_fails_those_cut_at_the_deadline(relay_factory, upstream):
+    relay = relay_factory(fresh=True, RELAY_GRACEFUL_TIMEOUT="2.5")
+    short = upstream.script(stream_script(sse_answer(list("abcdefghij")), delay=0.15))
+    long = upstream.script(stream_script(sse_answer(list("0123456789")), delay=1.0))
+    results = {}
+
+    def run(name, model):
+        results[name] = post(relay, ENDPOINTS[0], model, sse=True)
+
+    threads = [threading.Thread(target=run, args=args) for args in (("short", short), ("long", long))]
+    for thread in threads:
+        thread.start()
+    upstream.wait_seen(short) and upstream.wait_seen(long)
+    time.sleep(0.3)
+    os.killpg(relay.proc.pid, signal.SIGTERM)
+    sent_at = time.monotonic()
+    time.sleep(1.2)
+    with pytest.raises(OSError):
+        http.client.HTTPConnection("127.0.0.1", relay.port, timeout=2).request("GET", "/healthz")
+    for thread in threads:
+        thread.join(15)
+    relay.proc.wait(15)
+    short_events = parse_sse(results["short"].body)
+    assert "".join(json.loads(d)["content"] for k, d in short_events if k is None) == "abcdefghij"
+    assert short_events[-1][0] == "done"
+    long_events = parse_sse(results["long"].body)
+    assert long_events[-1][0] == "error", f"a stream cut at the deadline must end as a failure: {long_events}"
+    assert json.loads(long_events[-1][1])["error"]["code"] == "shutting_down"
+    assert time.monotonic() - sent_at < 8, "the relay should exit soon after the graceful timeout"
+    relay.stop()
