@@ -21,10 +21,13 @@ import uuid
 import orjson
 from dotenv import load_dotenv
 from flask import Flask, Response, g, request
+from flask_limiter.errors import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import metrics
 from errors import RelayError
+from guards import GUARDED_PREFIXES, Guards, is_guarded
 from settings import Settings, SettingsError, load_settings
 from streaming import (
     ClientGone,
@@ -82,17 +85,19 @@ def create_app(settings: Settings | None = None) -> Flask:
         retries=settings.retries,
         pool_size=settings.worker_connections,
     )
-    app.extensions["relay"] = _Relay(settings, upstream)
-    _register(app, settings)
+    relay = app.extensions["relay"] = _Relay(settings, upstream)
+    _register(app, settings)  # first, so its checks run before the rate limiter's
+    relay.guards = Guards(app, settings)
     return app
 
 
 class _Relay:
-    """What the routes share: settings and the upstream client."""
+    """What the routes share: settings, the upstream client and the guards."""
 
     def __init__(self, settings: Settings, upstream: UpstreamClient):
         self.settings = settings
         self.upstream = upstream
+        self.guards: Guards | None = None
 
 
 def _register(app: Flask, settings: Settings) -> None:
@@ -103,24 +108,34 @@ def _register(app: Flask, settings: Settings) -> None:
         request_id = request.headers.get("X-Request-ID", "")
         g.request_id = request_id if _SANE_REQUEST_ID.match(request_id) else uuid.uuid4().hex
         g.started = time.monotonic()
-        g.log = {"model": None, "ttft_s": None, "completion_tokens": None, "outcome": "ok"}
+        g.log = {"model": None, "ttft_s": None, "completion_tokens": None, "outcome": "ok", "error": None}
+        g.log["caller"] = relay.guards.caller()
+        if is_guarded():
+            relay.guards.check()
 
     @app.after_request
     def finish_request_log(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
+        if request.path.startswith(GUARDED_PREFIXES):
+            response.vary.add("Origin")  # the origin check makes every guarded answer depend on it
         fields = g.log
         fields.update(request_id=g.request_id, method=request.method, path=request.path, status=response.status_code)
-        fields.setdefault("caller", request.remote_addr)
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         started = g.started
         if response.status_code >= 400 and fields["outcome"] == "ok":
             fields["outcome"] = "rejected"
-        response.call_on_close(lambda: _write_access_log(fields, started))
+        response.call_on_close(lambda: _request_finished(fields, started, endpoint))
         return response
 
     @app.errorhandler(RelayError)
     def relay_error(error: RelayError):
         g.log["outcome"] = error.outcome
+        g.log["error"] = error.code
         return Response(error.to_json(), error.status, headers=error.headers(), content_type="application/json")
+
+    @app.errorhandler(RateLimitExceeded)
+    def rate_limited(error: RateLimitExceeded):
+        return relay_error(relay.guards.rate_limited(error))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -143,6 +158,10 @@ def _register(app: Flask, settings: Settings) -> None:
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "upstream": settings.upstream_label}
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(metrics.render(settings.metrics_dir), content_type=metrics.CONTENT_TYPE)
 
     @app.get("/")
     def index():
@@ -274,23 +293,35 @@ def _passthrough_request(body: dict, settings: Settings) -> dict:
 
 def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
     """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
-    settings = relay.settings
+    settings, guards, fields = relay.settings, relay.guards, g.log
     client_socket = request.environ.get("gunicorn.socket")
     client_gone = (lambda: client_socket_closed(client_socket)) if client_socket is not None else (lambda: False)
+    slot = guards.acquire_stream(fields["caller"])
+    metrics.ACTIVE_STREAMS.inc()
     stream = RelayStream(
         lambda: relay.upstream.open_stream("/chat/completions", payload),
         translator,
         client_gone=client_gone,
         heartbeat_seconds=settings.heartbeat_seconds,
     )
-    started = g.started
+
+    def finish(outcome: str) -> None:
+        stream.close()
+        guards.release_stream(slot)
+        metrics.ACTIVE_STREAMS.dec()
+        fields["outcome"] = outcome
+        fields["completion_tokens"] = translator.completion_tokens
+        if stream.error is not None:
+            fields["error"] = stream.error.code
+        if translator.model and not fields.get("model"):
+            fields["model"] = translator.model
+
     try:
         first = stream.first()
     except BaseException:
-        stream.close()
+        finish(stream.outcome)
         raise
-    fields = g.log
-    fields["ttft_s"] = round(stream.first_event_at - started, 4) if stream.first_event_at else None
+    fields["ttft_s"] = round(stream.first_event_at - g.started, 4) if stream.first_event_at else None
 
     def body():
         outcome = "client_disconnect"  # unless the stream runs to its end: gunicorn closed us early
@@ -302,11 +333,7 @@ def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
             outcome = stream.outcome
             _abort_connection(client_socket)
         finally:
-            stream.close()
-            fields["outcome"] = outcome
-            fields["completion_tokens"] = translator.completion_tokens
-            if translator.model and not fields.get("model"):
-                fields["model"] = translator.model
+            finish(outcome)
 
     return Response(body(), 200, headers=STREAM_HEADERS)
 
@@ -335,9 +362,11 @@ def _configure_logging(level: str) -> None:
         access_log.setLevel(logging.INFO)
 
 
-def _write_access_log(fields: dict, started: float) -> None:
+def _request_finished(fields: dict, started: float, endpoint: str) -> None:
+    """The one place a finished request is accounted for: its JSON log line and its metrics."""
     record = {"ts": round(time.time(), 3), **fields, "duration_s": round(time.monotonic() - started, 4)}
     access_log.info(orjson.dumps(record).decode())
+    metrics.record_request({**record, "endpoint": endpoint})
 
 
 if __name__ == "__main__":

@@ -4,16 +4,26 @@ Values come from the relay's own settings (environment and `.env`), so one bad v
 server here with one line, before any worker starts.
 """
 
+import glob
 import math
+import os
 import resource
 import signal
 import sys
+import tempfile
 
 from dotenv import load_dotenv
 
 from settings import SettingsError, load_settings
 
 load_dotenv(override=False)
+
+# prometheus_client's multiprocess mode: every worker writes its metrics to files in this directory
+# and /metrics sums them. It must be set before any worker imports prometheus_client; a directory
+# given in the environment (e.g. by systemd's RuntimeDirectory) is used as it is.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
+
 try:
     _settings = load_settings()
 except SettingsError as exc:
@@ -27,8 +37,10 @@ bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gevent"
 
 # One worker per CPU (WEB_CONCURRENCY) is enough: the work is I/O, and more processes only
-# multiply memory and upstream connection pools.
-workers = _settings.web_concurrency
+# multiply memory and upstream connection pools. Rate limits and stream caps without REDIS_URL are
+# counted in process memory, where N workers would silently allow N times the limit: then one
+# worker serves (it holds RELAY_WORKER_CONNECTIONS streams; set REDIS_URL to use more).
+workers = 1 if _settings.needs_shared_counts else _settings.web_concurrency
 
 # Open streams one worker may hold at once (RELAY_WORKER_CONNECTIONS). The relay's upstream
 # connection pool is sized to match, so a busy worker never queues for an upstream socket.
@@ -74,8 +86,26 @@ def post_worker_init(worker):
     signal.signal(signal.SIGTERM, handle_exit)
 
 
+def child_exit(server, worker):
+    """A dead worker's live gauges (open streams) must stop counting in /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def on_starting(server):
-    """Raise the open-file limit to the hard limit: every open stream holds two sockets."""
+    """Start clean, and raise the open-file limit to the hard limit (each stream holds two sockets)."""
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)  # counts from a previous run would be summed into this one's
+    if workers < _settings.web_concurrency:
+        server.log.warning(
+            "rate limits without REDIS_URL are counted per process: running 1 worker instead of %s",
+            _settings.web_concurrency,
+        )
+    _raise_file_limit(server)
+
+
+def _raise_file_limit(server):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -83,10 +113,10 @@ def on_starting(server):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             server.log.warning("could not raise the open-file limit above %s", soft)
-    needed = 2 * _settings.worker_connections * _settings.web_concurrency + 64
+    needed = 2 * _settings.worker_connections * workers + 64
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < needed:
         server.log.warning(
             "open-file limit %s is below the %s that %s workers x %s streams need; raise LimitNOFILE",
-            soft, needed, _settings.web_concurrency, _settings.worker_connections,
+            soft, needed, workers, _settings.worker_connections,
         )  # fmt: skip

@@ -46,6 +46,12 @@ class Settings:
     port: int = 8000
     web_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     worker_connections: int = 2000
+    metrics_dir: str | None = None
+
+    @property
+    def needs_shared_counts(self) -> bool:
+        """Limits are set but have no Redis: their counts are exact only within one process."""
+        return bool(self.rate_limit or self.max_streams_per_caller) and not self.redis_url
 
     @property
     def upstream_label(self) -> str:
@@ -88,6 +94,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         port=env.integer("PORT", 8000, minimum=0, maximum=65535),
         web_concurrency=env.integer("WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
         worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
+        metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR"),
     )
 
 

@@ -32,11 +32,17 @@ def parse_sse(body: bytes) -> list[tuple[str | None, str]]:
 
 
 def assert_arrives_token_by_token(result, expected_pieces: int, spacing: float):
-    """Each token must reach the client as its own piece, about ``spacing`` seconds after the last."""
+    """Tokens ``spacing`` seconds apart upstream must reach the client spread out the same way.
+
+    A buffering relay delivers everything in one late piece. One coalesced pair is tolerated: a
+    loaded 2-core machine can deschedule the relay for longer than a gap.
+    """
     times = [t for t, piece in result.pieces if piece]
-    assert len(times) >= expected_pieces, f"expected {expected_pieces} separate pieces, got {result.pieces!r}"
+    assert len(times) >= expected_pieces - 1, f"expected {expected_pieces} separate pieces, got {result.pieces!r}"
+    spread = times[-1] - times[0]
+    assert spread >= 0.6 * (expected_pieces - 1) * spacing, f"tokens were buffered: arrival times {times}"
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    assert all(gap > spacing * 0.5 for gap in gaps[: expected_pieces - 1]), f"tokens were buffered: gaps {gaps}"
+    assert sum(gap > spacing * 0.5 for gap in gaps) >= len(gaps) - 1, f"tokens were buffered: gaps {gaps}"
 
 
 def test_plain_text_body_is_the_concatenated_tokens_with_the_express_headers(relay, upstream):

@@ -1,0 +1,196 @@
+"""Who may call the relay and how much: access tokens, origins, rate limits and stream caps.
+
+Whoever reaches the relay spends its owner's money, so every check here runs before any upstream
+call. Counts live in Redis when ``REDIS_URL`` is set (shared by every worker and machine), else in
+process memory; gunicorn.conf.py then runs one worker so a limit means what it says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import gevent
+import redis
+from flask import Flask, request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from flask_limiter.errors import RateLimitExceeded
+
+from errors import RelayError
+from settings import Settings
+
+GUARDED_PREFIXES = ("/api/", "/v1/")
+STREAM_SLOT_SECONDS = 60  # a stream's claim on its caller's cap expires unless refreshed (a dead worker's do)
+STREAM_RETRY_AFTER = 5
+
+log = logging.getLogger("chat_relay")
+
+
+class Guards:
+    """The checks every guarded request passes, in order: token, origin, rate limit."""
+
+    def __init__(self, app: Flask, settings: Settings):
+        self.settings = settings
+        self._tokens = tuple(token.encode() for token in settings.access_tokens)
+        if settings.allowed_origins:
+            CORS(
+                app,
+                resources={r"/api/*": {}, r"/v1/*": {}},
+                origins=list(settings.allowed_origins),
+                allow_headers="*",  # echoes what the preflight asks for: the npm SDK sends X-Stainless-*
+                expose_headers=["X-Request-ID"],
+                max_age=600,
+            )
+        self.limiter = Limiter(
+            key_func=self.caller,
+            app=app,
+            default_limits=[settings.rate_limit] if settings.rate_limit else [],
+            default_limits_exempt_when=lambda: not is_guarded(),
+            storage_uri=settings.redis_url or "memory://",
+            strategy="moving-window",
+            swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
+            key_prefix="chat-relay",
+        )
+        self.stream_slots = (
+            RedisStreamSlots(settings.redis_url) if settings.redis_url else MemoryStreamSlots()
+        ) if settings.max_streams_per_caller else None  # fmt: skip
+
+    def check(self) -> None:
+        """Refuse a guarded request that lacks a valid token or comes from a foreign origin."""
+        if self._tokens and not self._has_valid_token():
+            raise RelayError(401, "unauthorized", "A valid 'Authorization: Bearer <token>' header is required.")
+        origin = request.headers.get("Origin")
+        if origin and not self._origin_allowed(origin):
+            raise RelayError(403, "origin_not_allowed", f"Requests from origin {origin!r} are not allowed.")
+
+    def _has_valid_token(self) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        presented = token.strip().encode()
+        matches = [hmac.compare_digest(presented, known) for known in self._tokens]  # no early exit
+        return any(matches)
+
+    def _origin_allowed(self, origin: str) -> bool:
+        allowed = self.settings.allowed_origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return True
+        return urlsplit(origin).netloc == request.host  # the relay's own page
+
+    def caller(self) -> str:
+        """Who is calling: a hash of the access token when tokens are in use, else the client IP."""
+        if self._tokens:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+        return request.remote_addr or "unknown"
+
+    def rate_limited(self, error: RateLimitExceeded) -> RelayError:
+        current = self.limiter.current_limit
+        retry_after = max(1, int(current.reset_at - time.time())) if current else 1
+        return RelayError(429, "rate_limited", f"Rate limit exceeded ({error.description}).", retry_after=retry_after)
+
+    def acquire_stream(self, caller: str):
+        """Claim one of the caller's open-stream slots; call ``release`` on what it returns."""
+        if self.stream_slots is None:
+            return None
+        slot = self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
+        if slot is None:
+            raise RelayError(
+                429,
+                "too_many_streams",
+                f"At most {self.settings.max_streams_per_caller} open streams per caller.",
+                retry_after=STREAM_RETRY_AFTER,
+            )
+        return slot
+
+    def release_stream(self, slot) -> None:
+        if slot is not None:
+            self.stream_slots.release(slot)
+
+
+def is_guarded() -> bool:
+    return request.path.startswith(GUARDED_PREFIXES) and request.method != "OPTIONS"
+
+
+class MemoryStreamSlots:
+    """Open streams per caller, counted in this process (exact when there is one worker)."""
+
+    def __init__(self):
+        self._open: dict[str, int] = {}
+
+    def acquire(self, caller: str, cap: int):
+        if self._open.get(caller, 0) >= cap:
+            return None
+        self._open[caller] = self._open.get(caller, 0) + 1
+        return caller
+
+    def release(self, caller: str) -> None:
+        left = self._open.get(caller, 0) - 1
+        if left > 0:
+            self._open[caller] = left
+        else:
+            self._open.pop(caller, None)
+
+
+# Atomically: forget expired claims, then claim a slot if fewer than the cap are held.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class RedisStreamSlots:
+    """Open streams per caller, shared through Redis by every worker and machine.
+
+    Each open stream is a member of its caller's sorted set, scored by when its claim expires; a
+    greenlet renews this process's claims, so a crashed worker's streams free up within a minute.
+    """
+
+    def __init__(self, url: str):
+        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._held: dict[str, tuple[str, str]] = {}
+        self._renewer = None
+
+    def acquire(self, caller: str, cap: int):
+        key, member, now = f"chat-relay:streams:{caller}", uuid.uuid4().hex, time.time()
+        try:
+            claimed = self._acquire(keys=[key], args=[now, cap, now + STREAM_SLOT_SECONDS, member, STREAM_SLOT_SECONDS * 2])
+        except redis.RedisError:
+            log.warning("Redis unavailable: stream cap not enforced for this request")
+            return None
+        if not claimed:
+            return None
+        self._held[member] = (key, member)
+        if self._renewer is None:
+            self._renewer = gevent.spawn(self._renew_forever)
+        return member
+
+    def release(self, member: str) -> None:
+        key, _ = self._held.pop(member, (None, None))
+        if key is not None:
+            try:
+                self._redis.zrem(key, member)
+            except redis.RedisError:
+                log.warning("Redis unavailable: a stream slot will expire instead of being released")
+
+    def _renew_forever(self) -> None:
+        while True:
+            gevent.sleep(STREAM_SLOT_SECONDS / 3)
+            expires = time.time() + STREAM_SLOT_SECONDS
+            try:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for key, member in list(self._held.values()):
+                        pipe.zadd(key, {member: expires}, xx=True)
+                    pipe.execute()
+            except redis.RedisError:
+                log.warning("Redis unavailable: could not renew stream slots")

@@ -1,0 +1,54 @@
+"""Prometheus metrics for the relay, summed over every gunicorn worker.
+
+Under gunicorn, prometheus_client's multiprocess mode shares counts through files in the directory
+gunicorn.conf.py prepares; a single development process uses the ordinary registry. Metrics are
+recorded once per request, when it ends, never per token.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter("relay_requests_total", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"])
+ACTIVE_STREAMS = Gauge("relay_active_streams", "Streams open right now.", multiprocess_mode="livesum")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "relay_time_to_first_token_seconds",
+    "From the request's arrival to the upstream's first event.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60),
+)
+TOKENS = Counter("relay_tokens_total", "Completion tokens relayed.")
+UPSTREAM_ERRORS = Counter("relay_upstream_errors_total", "Upstream failures, by kind (the error code).", ["kind"])
+CLIENT_DISCONNECTS = Counter("relay_client_disconnects_total", "Streams whose caller went away before the end.")
+
+
+def record_request(fields: dict) -> None:
+    """Count one finished request from its access-log fields."""
+    REQUESTS.labels(fields["endpoint"], str(fields["status"])).inc()
+    if fields.get("ttft_s") is not None:
+        TIME_TO_FIRST_TOKEN.observe(fields["ttft_s"])
+    if fields.get("completion_tokens"):
+        TOKENS.inc(fields["completion_tokens"])
+    if fields["outcome"] in ("upstream_error", "timeout") and fields.get("error"):
+        UPSTREAM_ERRORS.labels(fields["error"]).inc()
+    if fields["outcome"] == "client_disconnect":
+        CLIENT_DISCONNECTS.inc()
+
+
+def render(multiprocess_dir: str | None) -> bytes:
+    """The text exposition, summed over workers when there is a multiprocess directory."""
+    if multiprocess_dir:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST

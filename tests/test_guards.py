@@ -1,0 +1,290 @@
+"""Guarding the key, end to end: access tokens, origins, rate limits, stream caps, logs, metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import UPSTREAM_KEY, free_port
+from fake_upstream import sse_answer, stream_script
+
+PATH = "/api/stream_chat_completion"
+TOKENS = "tok-alpha-123456,tok-beta-654321"
+APP_ORIGIN = "https://app.example.com"
+
+
+def ask(relay, model, headers=None, **kwargs):
+    return relay.post(PATH, {"model": model, "messages": [{"role": "user", "content": "hi"}]}, headers, **kwargs)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def quick(upstream, tokens=("ok",)) -> str:
+    return upstream.script(stream_script(sse_answer(list(tokens))))
+
+
+def assert_error(result, status, code):
+    assert result.status == status, f"expected {status}, got {result.status}: {result.body!r}"
+    assert result.json()["error"]["code"] == code
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed: ./test.sh installs it")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+# --- callers -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def locked(relay_factory):
+    return relay_factory(RELAY_ACCESS_TOKENS=TOKENS, RELAY_ALLOWED_ORIGINS=APP_ORIGIN)
+
+
+def test_guarded_paths_need_a_valid_bearer_token(locked, upstream):
+    for headers in ({}, bearer("tok-wrong-000000"), {"Authorization": "Basic dG9rLWFscGhhLTEyMzQ1Ng=="}):
+        result = ask(locked, quick(upstream), headers)
+        assert_error(result, 401, "unauthorized")
+        assert result.headers["www-authenticate"].startswith("Bearer")
+    assert_error(locked.request("GET", "/v1/models"), 401, "unauthorized")
+    assert_error(locked.post("/v1/chat/completions", {"model": "m", "messages": []}), 401, "unauthorized")
+
+
+def test_a_valid_token_is_served(locked, upstream):
+    for token in TOKENS.split(","):
+        assert ask(locked, quick(upstream), bearer(token)).text == "ok"
+
+
+def test_health_metrics_page_and_static_files_stay_open(locked):
+    for path in ("/healthz", "/metrics", "/", "/static/relay-client.js"):
+        assert locked.request("GET", path).status == 200, path
+
+
+def test_an_unauthenticated_caller_never_reaches_the_upstream(locked, upstream):
+    model = quick(upstream)
+    ask(locked, model)
+    assert upstream.seen(model) == []
+
+
+# --- origins -------------------------------------------------------------------------------
+
+
+def test_cors_preflight_allows_the_configured_origin_and_the_sdk_headers(locked):
+    result = locked.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, x-stainless-retry-count",
+    })  # fmt: skip
+    assert result.status == 200, result.body
+    assert result.headers["access-control-allow-origin"] == APP_ORIGIN
+    allowed = result.headers["access-control-allow-headers"].lower()
+    assert "x-stainless-os" in allowed and "authorization" in allowed
+    assert "origin" in result.headers.get("vary", "").lower()
+
+
+def test_an_allowed_origin_is_echoed_and_can_read_the_request_id(locked, upstream):
+    result = ask(locked, quick(upstream), {"Origin": APP_ORIGIN, **bearer("tok-alpha-123456")})
+    assert result.status == 200
+    assert result.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "x-request-id" in result.headers["access-control-expose-headers"].lower()
+    assert "origin" in result.headers["vary"].lower()
+
+
+def test_a_foreign_origin_is_403_before_any_upstream_call(locked, upstream):
+    model = quick(upstream)
+    result = ask(locked, model, {"Origin": "https://evil.example", **bearer("tok-alpha-123456")})
+    assert_error(result, 403, "origin_not_allowed")
+    assert "access-control-allow-origin" not in result.headers
+    assert upstream.seen(model) == []
+
+
+def test_the_relays_own_origin_is_always_allowed(relay, upstream):
+    assert ask(relay, quick(upstream), {"Origin": relay.url}).status == 200
+    assert_error(ask(relay, quick(upstream), {"Origin": "http://elsewhere.example"}), 403, "origin_not_allowed")
+
+
+def test_a_wildcard_allows_any_origin(relay_factory, upstream):
+    relay = relay_factory(RELAY_ALLOWED_ORIGINS="*")
+    result = ask(relay, quick(upstream), {"Origin": "https://anywhere.example"})
+    assert result.status == 200 and result.headers["access-control-allow-origin"] in ("*", "https://anywhere.example")
+
+
+# --- rate limits and stream caps -----------------------------------------------------------------
+
+
+def test_the_rate_limit_is_per_caller_with_retry_after(relay_factory, upstream):
+    relay = relay_factory(RELAY_RATE_LIMIT="3/minute", RELAY_ACCESS_TOKENS=TOKENS)
+    alpha, beta = bearer("tok-alpha-123456"), bearer("tok-beta-654321")
+    assert [ask(relay, quick(upstream), alpha).status for _ in range(3)] == [200, 200, 200]
+    result = ask(relay, quick(upstream), alpha)
+    assert_error(result, 429, "rate_limited")
+    assert 1 <= int(result.headers["retry-after"]) <= 60
+    assert ask(relay, quick(upstream), beta).status == 200, "another caller has its own budget"
+
+
+def test_limits_without_redis_run_one_worker_so_counts_stay_exact(relay_factory):
+    relay = relay_factory(workers=2, RELAY_RATE_LIMIT="100/minute")
+    children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
+    assert len(children) == 1
+    assert "counted per process" in relay.log()
+
+
+def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream, redis_url):
+    settings = {"RELAY_RATE_LIMIT": "4/minute", "REDIS_URL": redis_url, "RELAY_ACCESS_TOKENS": "tok-shared-rate-1"}
+    first, second = relay_factory(workers=2, **settings), relay_factory(workers=2, fresh=True, **settings)
+    try:
+        token = bearer("tok-shared-rate-1")
+        statuses = [ask(relay, quick(upstream), token).status for relay in (first, second, first, second, first, second)]
+        assert statuses == [200, 200, 200, 200, 429, 429]
+    finally:
+        second.stop()
+
+
+def hold_stream(relay, upstream, headers, seconds=1.5):
+    """Start a stream that stays open for ``seconds``; returns the thread reading it."""
+    model = upstream.script(stream_script(sse_answer(["x"]), first_delay=0.05, delay=seconds / 4))
+    results = []
+    thread = threading.Thread(target=lambda: results.append(ask(relay, model, headers)))
+    thread.start()
+    upstream.wait_seen(model)
+    time.sleep(0.1)
+    return thread, results
+
+
+def test_open_streams_per_caller_are_capped(relay_factory, upstream):
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="2")
+    held = [hold_stream(relay, upstream, {}) for _ in range(2)]
+    result = ask(relay, quick(upstream))
+    assert_error(result, 429, "too_many_streams")
+    assert int(result.headers["retry-after"]) >= 1
+    for thread, results in held:
+        thread.join(10)
+        assert results[0].text == "x"
+    assert ask(relay, quick(upstream)).status == 200, "finished streams give their slots back"
+
+
+def test_the_stream_cap_is_shared_through_redis(relay_factory, upstream, redis_url):
+    settings = {"RELAY_MAX_STREAMS_PER_CALLER": "2", "REDIS_URL": redis_url, "RELAY_ACCESS_TOKENS": "tok-shared-cap-1"}
+    first, second = relay_factory(workers=2, **settings), relay_factory(workers=2, fresh=True, **settings)
+    try:
+        token = bearer("tok-shared-cap-1")
+        held = [hold_stream(first, upstream, token), hold_stream(second, upstream, token)]
+        assert_error(ask(first, quick(upstream), token), 429, "too_many_streams")
+        assert_error(ask(second, quick(upstream), token), 429, "too_many_streams")
+        for thread, _ in held:
+            thread.join(10)
+        assert ask(second, quick(upstream), token).status == 200
+    finally:
+        second.stop()
+
+
+# --- logs and secrets ----------------------------------------------------------------------------
+
+
+def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upstream):
+    relay = relay_factory(fresh=True, RELAY_ACCESS_TOKENS=TOKENS, RELAY_RETRIES="1", LOG_LEVEL="DEBUG")
+    try:
+        token = bearer("tok-alpha-123456")
+        echo_key = {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}", "code": "invalid_api_key"}}
+        scripts = [
+            stream_script(sse_answer(["fine"])),
+            lambda conn: conn.json_response(401, echo_key),
+            lambda conn: conn.json_response(400, {"error": {"message": f"key {UPSTREAM_KEY} bad"}}),
+            lambda conn: conn.json_response(500, echo_key),
+            stream_script([sse_answer(["a"])[0], f'data: {{"error": {{"message": "{UPSTREAM_KEY}"}}}}\n\n'.encode()]),
+            stream_script(sse_answer(["cut"], done=False)[:2]),
+        ]
+        bodies = []
+        for script in scripts:
+            model = upstream.script(script)
+            for sse in (False, True):
+                headers = {**token, **({"Accept": "text/event-stream"} if sse else {})}
+                result = ask(relay, model, headers)
+                bodies.append(result.body + repr(result.headers).encode())
+            passthrough = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True}, token)
+            bodies.append(passthrough.body + repr(passthrough.headers).encode())
+        bodies.append(ask(relay, "m", bearer("tok-wrong-000000")).body)
+        bodies.append(relay.request("GET", "/metrics").body)
+        relay.stop()
+        log = relay.log()
+        secrets = (UPSTREAM_KEY, UPSTREAM_KEY[-16:], "tok-alpha-123456", "tok-wrong-000000")
+        for secret in secrets:
+            assert not any(secret.encode() in body for body in bodies), f"{secret!r} leaked into a response"
+            assert secret not in log, f"{secret!r} leaked into the log"
+        assert log.count('"path":"/api/stream_chat_completion"') >= 12, "every request should have its log line"
+        callers = {line["caller"] for line in relay.access_lines() if line["path"] == PATH}
+        assert any(re.fullmatch(r"token:[0-9a-f]{16}", caller) for caller in callers), callers
+    finally:
+        relay.stop()
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of a metric's samples matching ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(relay_factory, upstream, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    relay = relay_factory(workers=2, fresh=True, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), RELAY_READ_TIMEOUT="0.5")
+    try:
+        for _ in range(20):
+            assert ask(relay, quick(upstream, ["a", "b", "c"])).text == "abc"
+        thread, _ = hold_stream(relay, upstream, {}, seconds=1.2)
+        during = relay.request("GET", "/metrics").text
+        assert metric(during, "relay_active_streams") == 1
+        thread.join(10)
+        assert ask(relay, upstream.script(lambda conn: conn.sleep_unless_hangup(3))).status == 504
+        deadline = time.monotonic() + 3  # a request is counted as its response closes, just after the client has it
+        while True:
+            text = relay.request("GET", "/metrics").text
+            if metric(text, "relay_upstream_errors_total", kind="upstream_timeout") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert metric(text, "relay_requests_total", endpoint=PATH, status="200") == 21
+        assert metric(text, "relay_tokens_total") == 61
+        assert metric(text, "relay_time_to_first_token_seconds_count") == 21
+        assert metric(text, "relay_upstream_errors_total", kind="upstream_timeout") == 1
+        assert metric(text, "relay_active_streams") == 0
+        assert "relay_client_disconnects_total" in text
+        workers_with_counts = {path.name.split("_")[-1] for path in metrics_dir.glob("counter_*.db")}
+        assert len(workers_with_counts) == 2, f"both workers should have served: {workers_with_counts}"
+    finally:
+        relay.stop()
