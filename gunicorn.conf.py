@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 import tempfile
 
@@ -84,6 +85,19 @@ def post_worker_init(worker):
         stop_worker(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
+
+
+def post_request(worker, req, environ, resp):
+    """A stopping worker (HUP or SIGTERM) closes each keep-alive connection once its answer is done.
+
+    Otherwise gunicorn's gevent worker keeps serving new requests on connections it already holds,
+    nginx reuses them first, and streams started after a reload are cut at the old worker's deadline.
+    """
+    if not worker.alive:
+        try:
+            environ["gunicorn.socket"].shutdown(socket.SHUT_WR)
+        except (KeyError, OSError):
+            pass
 
 
 def child_exit(server, worker):

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./scripts/venv.sh
-ensure_system_packages redis-server:redis-server nginx:nginx-light chromium:chromium node:nodejs npm:npm
+ensure_system_packages redis-server:redis-server nginx:nginx-light chromium:chromium node:nodejs npm:npm \
+  systemd-analyze:systemd openssl:openssl
 ensure_venv requirements-dev.txt
 # The official openai npm SDK, for the passthrough test (pinned in tests/node/package-lock.json)
 [ -d tests/node/node_modules/openai ] || (cd tests/node && npm ci --silent --no-audit --no-fund)
