@@ -34,8 +34,8 @@ DEFAULTS = load_settings({"OPENAI_API_KEY": "sk-defaults"})  # the relay's setti
 CALLER_ADDRESS = "127.0.0.2"
 
 
-def site_config(relay_port: int, listen_port: int, files: Path, tls_port: int | None = None) -> str:
-    """deploy/nginx.conf with its ports, relay address and log (and certificate) directories changed.
+def site_config(relay_ports: list[int], listen_port: int, files: Path, tls_port: int | None = None) -> str:
+    """deploy/nginx.conf with its ports, relay addresses and log (and certificate) directories changed.
 
     With ``tls_port`` its TLS lines are uncommented as the file tells an operator to, and the
     certificate is read from ``files``.
@@ -43,7 +43,7 @@ def site_config(relay_port: int, listen_port: int, files: Path, tls_port: int | 
     text = (DEPLOY / "nginx.conf").read_text()
     substitutions = [
         (r"^(\s*)listen 80;$", rf"\g<1>listen 127.0.0.1:{listen_port};", 1),
-        (r"^(\s*)server 127\.0\.0\.1:8000;$", rf"\g<1>server 127.0.0.1:{relay_port};", 1),
+        (r"^(\s*)server 127\.0\.0\.1:8000;$", "\n".join(rf"\g<1>server 127.0.0.1:{port};" for port in relay_ports), 1),
         (r"^(\s*)access_log /var/log/nginx/", rf"\g<1>access_log {files}/", 1),
     ]
     if tls_port is not None:
@@ -66,7 +66,8 @@ class Nginx:
     post = Relay.post
     stream = Relay.stream
 
-    def __init__(self, relay: Relay, tmp: Path, tls: bool = False):
+    def __init__(self, relay: Relay | list[Relay], tmp: Path, tls: bool = False):
+        relays = relay if isinstance(relay, list) else [relay]
         if not os.access(NGINX, os.X_OK):
             pytest.fail(f"{NGINX} is missing: install Debian's nginx-light (./test.sh does)")
         self.port = free_port()
@@ -74,7 +75,7 @@ class Nginx:
         self.tmp = tmp
         if tls:
             make_certificate(tmp / "fullchain.pem", tmp / "privkey.pem")
-        (tmp / "chat-relay.conf").write_text(site_config(relay.port, self.port, tmp, self.tls_port))
+        (tmp / "chat-relay.conf").write_text(site_config([r.port for r in relays], self.port, tmp, self.tls_port))
         # The `http` block of Debian's nginx.conf (gzip on), plus the gzip_types line many sites add:
         # the site must stream anyway. Every path nginx writes to is in tmp.
         (tmp / "nginx.conf").write_text(f"""
@@ -380,3 +381,19 @@ def wait_for(condition, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def test_two_relays_behind_nginx_share_one_rate_limit_through_redis(relay_factory, upstream, redis_url, tmp_path):
+    settings = {"RELAY_RATE_LIMIT": "6/minute", "REDIS_URL": redis_url, "RELAY_TRUSTED_PROXIES": "1"}
+    first, second = relay_factory(fresh=True, **settings), relay_factory(fresh=True, **settings)
+    front = Nginx([first, second], tmp_path)
+    try:
+        model = upstream.script(stream_script(sse_answer(["ok"])))
+        statuses = [front.stream(model).status for _ in range(8)]
+        assert statuses == [200] * 6 + [429] * 2, statuses
+        served = [len(relay.wait_access_line("/api/stream_chat_completion", model=model)) for relay in (first, second)]
+        assert all(served), f"nginx should have spread the requests over both relays: {served}"
+    finally:
+        front.stop()
+        first.stop()
+        second.stop()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import UPSTREAM_KEY, free_port
+from conftest import UPSTREAM_KEY
 from fake_upstream import sse_answer, stream_script
 
 PATH = "/api/stream_chat_completion"
@@ -35,31 +32,6 @@ def quick(upstream, tokens=("ok",)) -> str:
 def assert_error(result, status, code):
     assert result.status == status, f"expected {status}, got {result.status}: {result.body!r}"
     assert result.json()["error"]["code"] == code
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed: ./test.sh installs it")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 # --- callers -----------------------------------------------------------------------------------
