@@ -301,6 +301,7 @@ def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
     stream = RelayStream(
         lambda: relay.upstream.open_stream("/chat/completions", payload),
         translator,
+        read_timeout=settings.read_timeout,
         client_gone=client_gone,
         heartbeat_seconds=settings.heartbeat_seconds,
     )

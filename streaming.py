@@ -445,7 +445,7 @@ def _error_fields(body: bytes) -> dict:
 
 
 def _transport_error(exc: Exception) -> RelayError:
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout, _UpstreamSilent)):
         return RelayError(504, "upstream_timeout", "The upstream did not answer in time.", outcome="timeout")
     return RelayError(502, "upstream_error", "Could not reach the upstream.", outcome="upstream_error")
 
@@ -496,11 +496,18 @@ class ClientGone(Exception):
     """The caller closed its connection."""
 
 
+class _UpstreamSilent(Exception):
+    """Raised into a reader whose upstream said nothing for longer than the read timeout."""
+
+
 class _Finished:
     __slots__ = ("error",)
 
     def __init__(self, error: RelayError | None):
         self.error = error
+
+
+_GONE = object()  # queued by the watch when the caller has hung up
 
 
 def client_socket_closed(sock) -> bool:
@@ -514,14 +521,50 @@ def client_socket_closed(sock) -> bool:
         return True
 
 
+class _StreamWatch:
+    """One greenlet per worker keeping every open stream's clocks.
+
+    Read timeouts, heartbeats, the check that a silent stream's caller is still there and the
+    shutdown deadline are all decided here, a few times a second, so that the hot path (a socket
+    read, a queue wait) never arms a timer of its own.
+    """
+
+    def __init__(self):
+        self._streams: set[RelayStream] = set()
+        self._tick = CLIENT_POLL_SECONDS
+        self._greenlet = None
+
+    def add(self, stream: RelayStream, tick: float) -> None:
+        self._streams.add(stream)
+        self._tick = min(self._tick, tick)
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = gevent.spawn(self._run)
+
+    def discard(self, stream: RelayStream) -> None:
+        self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while self._streams:
+            gevent.sleep(self._tick)
+            now = time.monotonic()
+            for stream in list(self._streams):
+                try:
+                    stream._on_tick(now)
+                except Exception:
+                    log.exception("checking an open stream failed")
+
+
+_watch = _StreamWatch()
+
+
 class RelayStream:
     """One relayed answer, from the upstream call to the caller's last byte.
 
     A reader greenlet makes the upstream call (retries included), reads the body as bytes arrive
-    and puts translated output on a queue;
-    the caller's side waits on that queue, sending heartbeats while it is silent and checking that
-    the caller is still there. ``close()`` is the one cleanup: it stops the reader, whose
-    ``finally`` closes the upstream response.
+    and puts translated output on a queue; the caller's side waits on that queue. The worker's
+    ``_StreamWatch`` adds heartbeats and hang-up notices to the queue and stops a reader whose
+    upstream went silent. ``close()`` is the one cleanup: it stops the reader, whose ``finally``
+    closes the upstream response (or returns its connection to the pool after a clean end).
     """
 
     def __init__(
@@ -529,6 +572,7 @@ class RelayStream:
         open_upstream: Callable[[], requests.Response],
         translator,
         *,
+        read_timeout: float,
         client_gone: Callable[[], bool] = lambda: False,
         heartbeat_seconds: float | None = None,
     ):
@@ -538,9 +582,14 @@ class RelayStream:
         self.first_event_at: float | None = None
         self._client_gone = client_gone
         self._heartbeat = heartbeat_seconds if translator.sse else None
+        self._read_timeout = read_timeout
         self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
         self._finished = False
+        self._committed = False
+        self._waiting_since: float | None = None  # when the caller's side started waiting, if it is
+        self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
         self._reader = gevent.spawn(self._read, open_upstream)
+        _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
     # The reader greenlet.
 
@@ -549,10 +598,13 @@ class RelayStream:
         decoder = SSEDecoder()
         response = None
         try:
-            response = open_upstream()
+            response = open_upstream()  # connect and header timeouts are the session's
+            _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
             read = response.raw.read1
             while True:
+                self._reading_since = time.monotonic()
                 chunk = read(decode_content=True)
+                self._reading_since = None
                 if not chunk:
                     break
                 events = decoder.feed(chunk)
@@ -564,6 +616,7 @@ class RelayStream:
                     put(out)  # even when empty: the first event is what commits the response
                 elif out:
                     put(out)
+            response.raw.release_conn()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
             tail = translator.end()
@@ -574,21 +627,45 @@ class RelayStream:
             put(_Finished(error))
         except ValueError as error:  # an over-long line
             put(_Finished(_malformed(str(error))))
+        except _UpstreamSilent as exc:
+            put(_Finished(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc)))
         except (urllib3.exceptions.HTTPError, requests.RequestException, http.client.HTTPException, OSError) as exc:
-            started = self.first_event_at is not None
-            put(_Finished(_stream_transport_error(exc) if started else _transport_error(exc)))
+            put(_Finished(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc)))
         except Exception:
             log.exception("the stream reader failed unexpectedly")
             put(_Finished(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error")))
         finally:
+            self._reading_since = None
             if response is not None:
                 response.close()
+
+    # The watch's view, a few times a second.
+
+    def _on_tick(self, now: float) -> None:
+        reading_since = self._reading_since
+        if reading_since is not None and now - reading_since >= self._read_timeout:
+            self._reading_since = None
+            self._reader.kill(_UpstreamSilent(), block=False)
+        waiting_since = self._waiting_since
+        if waiting_since is None or not self._queue.empty():
+            return
+        if now >= _shutdown_deadline:
+            self._notify(_Finished(_shutdown_error()))
+        elif now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
+            self._notify(_GONE)
+        elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat:
+            self._notify(PING)
+
+    def _notify(self, item) -> None:
+        self._waiting_since = None  # one notice per wait
+        self._queue.put_nowait(item)
 
     # The caller's side.
 
     def first(self) -> bytes:
         """Wait for the upstream's first event; returns its output or raises RelayError/ClientGone."""
-        item = self._next(heartbeat=None)
+        item = self._next()
+        self._committed = True
         if isinstance(item, _Finished):
             self._finished = True
             if item.error is not None:
@@ -601,7 +678,7 @@ class RelayStream:
         """Everything after the first event, coalesced per wake-up; the failure frame if it fails."""
         queue = self._queue
         while not self._finished:
-            item = self._next(heartbeat=self._heartbeat)
+            item = self._next()
             if time.monotonic() >= _shutdown_deadline:
                 item = _Finished(_shutdown_error())
             parts = []
@@ -623,23 +700,17 @@ class RelayStream:
                 item = queue.get_nowait()
             yield b"".join(parts)
 
-    def _next(self, heartbeat: float | None):
-        """The next queued item, a heartbeat after ``heartbeat`` seconds of silence, or ClientGone."""
-        timeout = min(CLIENT_POLL_SECONDS, heartbeat) if heartbeat else CLIENT_POLL_SECONDS
-        silent_since = time.monotonic()
-        while True:
-            try:
-                return self._queue.get(timeout=timeout)
-            except gevent.queue.Empty:
-                pass
-            now = time.monotonic()
-            if now >= _shutdown_deadline:
-                return _Finished(_shutdown_error())
-            if self._client_gone():
-                self.outcome = "client_disconnect"
-                raise ClientGone()
-            if heartbeat and now - silent_since >= heartbeat:
-                return PING
+    def _next(self):
+        """The next queued item; raises ClientGone when the watch saw the caller hang up."""
+        queue = self._queue
+        if queue.empty():
+            self._waiting_since = time.monotonic()
+        item = queue.get()
+        self._waiting_since = None
+        if item is _GONE:
+            self.outcome = "client_disconnect"
+            raise ClientGone()
+        return item
 
     def _fail(self, error: RelayError) -> None:
         self.error = error
@@ -647,8 +718,17 @@ class RelayStream:
 
     def close(self) -> None:
         """Stop reading and close the upstream request; safe to call more than once."""
+        _watch.discard(self)
         if not self._reader.dead:
             self._reader.kill(block=True, timeout=2)
+
+
+def _stop_socket_timeouts(response: requests.Response) -> None:
+    """Let body reads wait without a per-read timer (the stream watch owns the read timeout)."""
+    connection = response.raw.connection
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(None)
 
 
 def _stream_transport_error(exc: Exception) -> RelayError:
