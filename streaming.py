@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import time
+import zlib
 from typing import Callable, Iterator
 
 import gevent
@@ -31,6 +32,7 @@ MAX_LINE_BYTES = 1 << 20  # one SSE line longer than this is a broken upstream, 
 MAX_ERROR_BODY_BYTES = 1 << 16
 MAX_JSON_BODY_BYTES = 32 << 20
 CLIENT_POLL_SECONDS = 0.5  # how often a silent stream checks that its caller is still there
+READ_BYTES = 16384  # per socket read: a chat chunk is far smaller, a firehose read fills it
 QUEUE_DEPTH = 256  # reads buffered between upstream and a slow caller before the reader waits
 RETRY_BASE_SECONDS = 0.25
 RETRY_CAP_SECONDS = 8.0
@@ -470,6 +472,124 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+# --- the upstream body, de-chunked ------------------------------------------------------------
+
+
+class ChunkedDecoder:
+    """Decodes an HTTP/1.1 chunked body incrementally: bytes in, payload bytes out (RFC 9112 7.1).
+
+    ``done`` turns true once the last chunk and its trailer section have been consumed exactly,
+    so the connection can carry the next request.
+    """
+
+    def __init__(self):
+        self.done = False
+        self._pending = b""
+        self._left = 0  # payload bytes still due in the current chunk
+        self._state = "size"  # size, data, crlf, trailer
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._pending + data if self._pending else data
+        out = []
+        pos, end = 0, len(buf)
+        while pos < end and not self.done:
+            state = self._state
+            if state == "data":
+                take = min(self._left, end - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = "crlf"
+                continue
+            line_end = buf.find(b"\n", pos)
+            if line_end < 0:
+                if end - pos > 4096:
+                    raise urllib3.exceptions.ProtocolError("chunk header line too long")
+                break
+            line = buf[pos:line_end].rstrip(b"\r")
+            pos = line_end + 1
+            if state == "crlf":
+                if line:
+                    raise urllib3.exceptions.ProtocolError("chunk not followed by CRLF")
+                self._state = "size"
+            elif state == "size":
+                try:
+                    self._left = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise urllib3.exceptions.ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+                self._state = "data" if self._left else "trailer"
+            elif not line:  # the empty line that ends the trailer section
+                self.done = True
+        self._pending = buf[pos:]
+        return b"".join(out)
+
+
+class UpstreamBody:
+    """Reads a streaming upstream body as it arrives, as cheaply as Python allows.
+
+    urllib3 and http.client run several layers of Python per network read; at chat pace that is per
+    token. For the common shapes (chunked or length-delimited or read-to-close; identity, gzip or
+    deflate) this reads the connection's buffered socket directly, once per read, and decodes with
+    ``ChunkedDecoder`` and zlib. Anything else goes through urllib3 unchanged.
+    """
+
+    def __init__(self, response: requests.Response):
+        self._response = response
+        raw = response.raw
+        self._http = getattr(raw, "_fp", None)  # http.client.HTTPResponse, headers already parsed
+        source = getattr(self._http, "fp", None)
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if source is None or encoding not in ("identity", "gzip", "deflate") or not hasattr(source, "read1"):
+            self.read = lambda: raw.read1(decode_content=True)
+            self._fast = False
+            return
+        self._fast = True
+        self._read1 = source.read1
+        self._chunked = ChunkedDecoder() if self._http.chunked else None
+        self._left = self._http.length  # None: read to close
+        self._inflate = None
+        if encoding == "gzip":
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+        self.complete = False
+
+    def read(self) -> bytes:
+        """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
+        while not self.complete:
+            limit = READ_BYTES if self._left is None or self._chunked else min(READ_BYTES, self._left)
+            data = self._read1(limit) if limit else b""
+            if not data:
+                return self._at_eof()
+            if self._chunked is not None:
+                data = self._chunked.feed(data)
+                if self._chunked.done:
+                    self.complete = True
+            elif self._left is not None:
+                self._left -= len(data)
+                self.complete = self._left == 0
+            if self._inflate is not None:
+                data = self._inflate.decompress(data) + (self._inflate.flush() if self.complete else b"")
+            if data:
+                return data
+        return b""
+
+    def _at_eof(self) -> bytes:
+        if self._chunked is not None or self._left:
+            raise urllib3.exceptions.ProtocolError("the upstream closed the connection mid-body")
+        self.complete = True
+        return self._inflate.flush() if self._inflate is not None else b""
+
+    def finish(self) -> None:
+        """After a complete body: give the connection back to the pool, as urllib3 would."""
+        if self._fast:
+            if not self.complete:
+                return
+            self._http._close_conn()  # closes only http.client's file object; the socket stays open
+        self._response.raw.release_conn()
+
+
 # --- one stream's lifetime -----------------------------------------------------------------------
 
 
@@ -600,23 +720,18 @@ class RelayStream:
         try:
             response = open_upstream()  # connect and header timeouts are the session's
             _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
-            read = response.raw.read1
+            body = UpstreamBody(response)
+            read = body.read
             while True:
                 self._reading_since = time.monotonic()
-                chunk = read(decode_content=True)
+                chunk = read()
                 self._reading_since = None
                 if not chunk:
                     break
                 events = decoder.feed(chunk)
-                if not events:
-                    continue
-                out = b"".join([translator.feed(event) for event in events])
-                if self.first_event_at is None:
-                    self.first_event_at = time.monotonic()
-                    put(out)  # even when empty: the first event is what commits the response
-                elif out:
-                    put(out)
-            response.raw.release_conn()  # the body was read to its end: the connection can be reused
+                if events:
+                    self._translate(events)
+            body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
             tail = translator.end()
@@ -638,6 +753,25 @@ class RelayStream:
             self._reading_since = None
             if response is not None:
                 response.close()
+
+    def _translate(self, events: list[ServerSentEvent]) -> None:
+        """Queue the output of one read's events; what came before a failing event is kept."""
+        parts, error = [], None
+        for event in events:
+            try:
+                parts.append(self.translator.feed(event))
+            except RelayError as exc:
+                error = exc
+                break
+        if parts:
+            out = b"".join(parts)
+            if self.first_event_at is None:
+                self.first_event_at = time.monotonic()
+                self._queue.put(out)  # even when empty: the first event is what commits the response
+            elif out:
+                self._queue.put(out)
+        if error is not None:
+            raise error
 
     # The watch's view, a few times a second.
 

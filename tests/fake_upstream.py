@@ -33,10 +33,11 @@ class UpstreamRequest:
 
 @dataclass
 class Exchange:
-    """One connection's life as the upstream saw it."""
+    """One request's life as the upstream saw it."""
 
     request: UpstreamRequest
     started: float
+    connection: int = 0  # which TCP connection carried it (the same number: a reused connection)
     closed_by_peer_at: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -47,14 +48,19 @@ class Conn:
     def __init__(self, sock: socket.socket, exchange: Exchange):
         self.sock = sock
         self.exchange = exchange
+        self.keep_alive = False
         self._chunked = False
         self._gzip = None
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def start(self, status=200, content_type="text/event-stream", headers=(), chunked=True, gzip_body=False):
-        lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}", "Connection: close"]
+    def start(self, status=200, content_type="text/event-stream", headers=(), chunked=True, gzip_body=False,
+              keep_alive=False):  # fmt: skip
+        self.keep_alive = keep_alive and chunked
+        lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}"]
+        if not self.keep_alive:
+            lines.append("Connection: close")
         if chunked:
             lines.append("Transfer-Encoding: chunked")
         if gzip_body:
@@ -157,7 +163,8 @@ def stream_script(events, *, delay=0.0, first_delay=0.0, **start):
 
 
 class FakeUpstream:
-    """The server: one thread per connection, one HTTP request per connection (it says so: Connection: close)."""
+    """The server: one thread per connection; one request per connection (it says Connection: close)
+    unless a script keeps the connection alive."""
 
     def __init__(self):
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -202,35 +209,46 @@ class FakeUpstream:
 
     def _serve(self, sock: socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = next(_ids)
         try:
-            request = _read_request(sock)
-            if request is None:
-                return
-            model = None
-            if request.body:
-                try:
-                    model = json.loads(request.body).get("model")
-                except (ValueError, AttributeError):
-                    model = None
-            exchange = Exchange(request, time.monotonic())
-            with self._lock:
-                script = self._scripts.get(model) or self.default_script
-                self.exchanges.setdefault(model, []).append(exchange)
-            conn = Conn(sock, exchange)
-            try:
-                if script is None:
-                    conn.json_response(404, {"error": {"message": f"no script for model {model!r}", "code": None}})
-                else:
-                    script(conn)
-            except OSError:
-                exchange.closed_by_peer_at = exchange.closed_by_peer_at or time.monotonic()
-            finally:
-                exchange.finished.set()
+            while self._serve_one(sock, connection):
+                pass
         finally:
             try:
                 sock.close()
             except OSError:
                 pass
+
+    def _serve_one(self, sock: socket.socket, connection: int) -> bool:
+        """Serve one request; True when the connection stays open for another."""
+        try:
+            request = _read_request(sock)
+        except OSError:
+            return False
+        if request is None:
+            return False
+        model = None
+        if request.body:
+            try:
+                model = json.loads(request.body).get("model")
+            except (ValueError, AttributeError):
+                model = None
+        exchange = Exchange(request, time.monotonic(), connection)
+        with self._lock:
+            script = self._scripts.get(model) or self.default_script
+            self.exchanges.setdefault(model, []).append(exchange)
+        conn = Conn(sock, exchange)
+        try:
+            if script is None:
+                conn.json_response(404, {"error": {"message": f"no script for model {model!r}", "code": None}})
+            else:
+                script(conn)
+        except OSError:
+            exchange.closed_by_peer_at = exchange.closed_by_peer_at or time.monotonic()
+            return False
+        finally:
+            exchange.finished.set()
+        return conn.keep_alive
 
 
 def _read_request(sock: socket.socket) -> UpstreamRequest | None:

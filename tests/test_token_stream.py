@@ -186,7 +186,7 @@ def test_mid_stream_error_event_ends_sse_with_event_error(relay, upstream):
     events = sse_answer(["a", "b"], done=False)[:3] + [b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n']
     result = relay.stream(upstream.script(stream_script(events)), sse=True)
     parsed = parse_sse(result.body)
-    assert parsed[-1][0] == "error", parsed
+    assert parsed and parsed[-1][0] == "error", (result.status, result.body)
     assert "overloaded" in json.loads(parsed[-1][1])["error"]["message"]
     assert not any(kind == "done" for kind, _ in parsed)
 
@@ -229,3 +229,54 @@ def test_healthz_names_the_upstream_without_calling_it(relay, upstream):
     result = relay.request("GET", "/healthz")
     assert result.status == 200
     assert result.json() == {"status": "ok", "upstream": f"127.0.0.1:{upstream.port}"}
+
+
+def test_tokens_arriving_in_the_same_read_as_an_error_are_kept(relay, upstream):
+    events = sse_answer(["a", "b"], done=False)[:3] + [b'data: {"error": {"message": "overloaded"}}\n\n']
+
+    def script(conn):
+        conn.start()
+        conn.send(b"".join(events))  # one chunk: the relay reads it all at once
+
+    parsed = parse_sse(relay.stream(upstream.script(script), sse=True).body)
+    assert [kind for kind, _ in parsed] == ["meta", None, None, "error"], parsed
+    assert [json.loads(data)["content"] for kind, data in parsed if kind is None] == ["a", "b"]
+
+
+def test_upstream_connections_are_reused_after_a_complete_answer(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["same", " socket"]), keep_alive=True))
+    for _ in range(3):
+        assert relay.stream(model).text == "same socket"
+    connections = {exchange.connection for exchange in upstream.seen(model)}
+    assert len(connections) == 1, f"each answer opened a new upstream connection: {connections}"
+
+
+def test_a_keep_alive_answer_cut_short_is_not_reused(relay, upstream):
+    answers = iter([sse_answer(["cut"], done=False)[:2], sse_answer(["whole"])])
+
+    def script(conn):
+        conn.start(keep_alive=True)
+        for event in next(answers):
+            conn.send(event)
+        conn.keep_alive = False  # then hang up mid-body, without the last chunk
+
+    model = upstream.script(script)
+    assert not relay.stream(model).complete
+    assert relay.stream(model).text == "whole"
+    first, second = upstream.seen(model)
+    assert first.connection != second.connection
+
+
+def test_a_content_length_upstream_body_is_relayed_token_by_token(relay, upstream):
+    events = sse_answer(TOKENS)
+    length = sum(map(len, events))
+
+    def script(conn):
+        conn.send_raw(f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {length}\r\n\r\n".encode())
+        for event in events:
+            conn.send_raw(event)
+            time.sleep(0.15)
+
+    result = relay.stream(upstream.script(script))
+    assert result.text == "Hello, world!" and result.complete
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)

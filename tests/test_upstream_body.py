@@ -1,0 +1,66 @@
+"""The relay's own de-chunking of upstream bodies, without a server: every split point, every framing."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import urllib3
+
+from streaming import ChunkedDecoder
+
+PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
+
+
+def chunked(parts, trailer=b"") -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+    return body + b"0\r\n" + trailer + b"\r\n"
+
+
+def decode_split(body: bytes, at: int) -> tuple[bytes, bool]:
+    decoder = ChunkedDecoder()
+    out = decoder.feed(body[:at]) + decoder.feed(body[at:])
+    return out, decoder.done
+
+
+def test_chunked_body_decodes_identically_at_every_split_point():
+    body = chunked(PAYLOAD)
+    for at in range(len(body) + 1):
+        out, done = decode_split(body, at)
+        assert out == b"".join(PAYLOAD), f"split at {at}"
+        assert done, f"split at {at}: the terminal chunk was not recognised"
+
+
+def test_chunked_body_decodes_byte_by_byte():
+    decoder = ChunkedDecoder()
+    out = b"".join(decoder.feed(bytes([byte])) for byte in chunked(PAYLOAD))
+    assert out == b"".join(PAYLOAD) and decoder.done
+
+
+def test_chunk_extensions_and_trailers_are_consumed():
+    body = b"5;name=value\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    decoder = ChunkedDecoder()
+    assert decoder.feed(body) == b"hello" and decoder.done
+
+
+def test_done_only_after_the_trailer_section_ends():
+    decoder = ChunkedDecoder()
+    decoder.feed(b"3\r\nabc\r\n0\r\n")
+    assert not decoder.done, "the final CRLF has not arrived yet"
+    decoder.feed(b"\r\n")
+    assert decoder.done
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"3\r\nabcXY0\r\n\r\n", b"9" * 5000])
+def test_malformed_chunking_raises_a_protocol_error(bad):
+    with pytest.raises(urllib3.exceptions.ProtocolError):
+        ChunkedDecoder().feed(bad)
+
+
+def test_gzip_inside_chunks_is_what_the_relay_inflates():
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    pieces = [compressor.compress(part) + compressor.flush(zlib.Z_SYNC_FLUSH) for part in PAYLOAD]
+    pieces.append(compressor.flush())
+    decoder, inflate = ChunkedDecoder(), zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = b"".join(inflate.decompress(decoder.feed(chunk)) for chunk in [chunked(pieces)])
+    assert out + inflate.flush() == b"".join(PAYLOAD)
