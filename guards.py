@@ -55,6 +55,7 @@ class Guards:
             strategy="moving-window",
             swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
             key_prefix="chat-relay",
+            enabled=bool(settings.rate_limit),  # no limit set: no per-request check at all
         )
         self.stream_slots = (
             RedisStreamSlots(settings.redis_url) if settings.redis_url else MemoryStreamSlots()
