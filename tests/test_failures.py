@@ -113,27 +113,31 @@ def test_an_absurdly_long_line_fails_clearly_and_the_worker_keeps_serving(no_ret
     assert post(no_retry, path, model).status == 200
 
 
-def test_connect_timeout_is_504_upstream_timeout(relay_factory):
+@pytest.fixture
+def blackhole_port():
+    """A loopback port whose accept queue is full, so connecting to it hangs until a timeout."""
     blackhole = socket.socket()
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
     fillers = []
-    for _ in range(3):  # fill the accept queue, so further SYNs go unanswered
+    for _ in range(3):
         filler = socket.socket()
         filler.setblocking(False)
         filler.connect_ex(blackhole.getsockname())
         fillers.append(filler)
-    try:
-        relay = relay_factory(
-            OPENAI_BASE_URL=f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1",
-            RELAY_CONNECT_TIMEOUT="0.5", RELAY_RETRIES="0",
-        )  # fmt: skip
-        started = time.monotonic()
-        assert_error(post(relay, ENDPOINTS[0], "m"), 504, "upstream_timeout")
-        assert time.monotonic() - started < 3
-    finally:
-        for sock in [blackhole, *fillers]:
-            sock.close()
+    yield blackhole.getsockname()[1]
+    for sock in [blackhole, *fillers]:
+        sock.close()
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_connect_timeout_is_504_upstream_timeout(relay_factory, blackhole_port, path):
+    relay = relay_factory(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{blackhole_port}/v1", RELAY_CONNECT_TIMEOUT="0.5", RELAY_RETRIES="0"
+    )
+    started = time.monotonic()
+    assert_error(post(relay, path, "m"), 504, "upstream_timeout")
+    assert time.monotonic() - started < 3
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +396,63 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_ones_and_fails_those_cut
     assert json.loads(long_events[-1][1])["error"]["code"] == "shutting_down"
     assert time.monotonic() - sent_at < 8, "the relay should exit soon after the graceful timeout"
     relay.stop()
+
+
+# --- the relay's own refusals, row by row, on both streaming endpoints ---------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(relay_factory, upstream):
+    return relay_factory(
+        RELAY_ACCESS_TOKENS="tok-table-123456", RELAY_MODELS="table-model", RELAY_MAX_BODY_BYTES="2048",
+        RELAY_RATE_LIMIT="1000/minute", RELAY_MAX_STREAMS_PER_CALLER="50",
+    )  # fmt: skip
+
+
+def _refusals():
+    token = {"Authorization": "Bearer tok-table-123456"}
+    ok_body = {"model": "table-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    return [
+        ("no token", json.dumps(ok_body).encode(), {}, 401, "unauthorized"),
+        ("not json typed", b"x", {**token, "Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        ("bad json", b"{", {**token, "Content-Type": "application/json"}, 400, "invalid_json"),
+        ("too large", json.dumps({**ok_body, "pad": "x" * 4096}).encode(), token, 413, "payload_too_large"),
+        ("model", json.dumps({**ok_body, "model": "other"}).encode(), token, 403, "model_not_allowed"),
+        ("origin", json.dumps(ok_body).encode(), {**token, "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+        ("n", json.dumps({**ok_body, "n": 3}).encode(), token, 400, "invalid_request"),
+    ]
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+@pytest.mark.parametrize("case", _refusals(), ids=lambda case: case[0])
+def test_each_refusal_of_the_error_table_on_both_endpoints(strict, path, case):
+    _, body, headers, status, code = case
+    headers = {"Content-Type": "application/json", **headers}
+    result = strict.post(path, body, headers)
+    assert_error(result, status, code)
+    if status == 401:
+        assert result.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_the_relays_own_rate_limit_is_429_with_retry_after_on_both_endpoints(relay_factory, upstream, path):
+    relay = relay_factory(RELAY_RATE_LIMIT="1/minute")
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    assert post(relay, path, model).status == 200
+    result = post(relay, path, model)
+    assert_error(result, 429, "rate_limited")
+    assert int(result.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_the_stream_cap_is_429_too_many_streams_on_both_endpoints(relay_factory, upstream, path):
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1")
+    held = upstream.script(stream_script(sse_answer(["slow"]), delay=0.4))
+    thread = threading.Thread(target=lambda: post(relay, path, held))
+    thread.start()
+    upstream.wait_seen(held)
+    time.sleep(0.1)
+    result = post(relay, path, upstream.script(stream_script(sse_answer(["ok"]))))
+    thread.join(10)
+    assert_error(result, 429, "too_many_streams")
+    assert int(result.headers["retry-after"]) >= 1
