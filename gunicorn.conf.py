@@ -8,6 +8,7 @@ import glob
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -22,8 +23,9 @@ load_dotenv(override=False)
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this directory
 # and /metrics sums them. It must be set before any worker imports prometheus_client; a directory
 # given in the environment (e.g. by systemd's RuntimeDirectory) is used as it is.
+_own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
 
 try:
     _settings = load_settings()
@@ -55,6 +57,10 @@ timeout = 30
 # are refused. The relay itself ends the streams still open at that deadline, as failures the
 # caller can see (see post_worker_init); gunicorn's own kill comes a few seconds later, as a backstop.
 graceful_timeout = math.ceil(_settings.graceful_timeout) + 5
+
+# Connections waiting to be accepted. A burst of new streams (a reconnect storm after a deploy)
+# would otherwise overflow gunicorn's 2048 and be reset by the kernel; net.core.somaxconn caps it.
+backlog = 8192
 
 # Idle keep-alive, in seconds. Longer than the 60 s idle timeout of common load balancers, so the
 # balancer, not the relay, closes idle connections and never reuses one the relay just closed.
@@ -107,6 +113,12 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+def on_exit(server):
+    """Remove the metrics directory this config made (one given in the environment is kept)."""
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
+
+
 def on_starting(server):
     """Start clean, and raise the open-file limit to the hard limit (each stream holds two sockets)."""
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
@@ -127,10 +139,10 @@ def _raise_file_limit(server):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             server.log.warning("could not raise the open-file limit above %s", soft)
-    needed = 2 * _settings.worker_connections * workers + 64
+    needed = 2 * _settings.worker_connections + 64  # per worker process: caller and upstream sockets
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < needed:
         server.log.warning(
-            "open-file limit %s is below the %s that %s workers x %s streams need; raise LimitNOFILE",
-            soft, needed, workers, _settings.worker_connections,
+            "open-file limit %s is below the %s that %s streams per worker need; raise LimitNOFILE",
+            soft, needed, _settings.worker_connections,
         )  # fmt: skip
