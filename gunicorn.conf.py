@@ -20,17 +20,17 @@ from settings import SettingsError, load_settings
 
 load_dotenv(override=False)
 
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    sys.exit(f"chat-relay: {exc}")
+
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this directory
 # and /metrics sums them. It must be set before any worker imports prometheus_client; a directory
 # given in the environment (e.g. by systemd's RuntimeDirectory) is used as it is.
 _own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
-
-try:
-    _settings = load_settings()
-except SettingsError as exc:
-    sys.exit(f"chat-relay: {exc}")
 
 # Where to listen. Behind nginx on the same VM, HOST=127.0.0.1 keeps the relay off the network.
 bind = f"{_settings.host}:{_settings.port}"
