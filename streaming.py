@@ -192,15 +192,16 @@ def _parse_chunk(data: bytes) -> dict:
     return chunk
 
 
-class TokenTranslator:
-    """Turns upstream chat-completion events into the token endpoint's output.
+class _Translator:
+    """What both translators track of an answer, and the one rule for how it may end.
 
-    ``sse=False`` is the plain-text format: the bare concatenation of ``delta.content``.
-    ``sse=True`` is the relay's own events: ``meta``, one per token, and ``done``.
+    ``feed`` turns one event into output bytes; ``[DONE]`` and chunks of the wrong shape are handled
+    here, the rest by each subclass's ``_chunk``.
     """
 
-    def __init__(self, sse: bool):
-        self.sse = sse
+    sse = True
+
+    def __init__(self):
         self.model: str | None = None
         self.token_count = 0
         self.usage: dict | None = None
@@ -215,13 +216,39 @@ class TokenTranslator:
     def feed(self, event: ServerSentEvent) -> bytes:
         if event.data == b"[DONE]":
             self._saw_done = True
-            return b""
+            return self._done(event)
         try:
-            return self._translate(_parse_chunk(event.data))
+            return self._chunk(_parse_chunk(event.data), event)
         except (AttributeError, TypeError, KeyError, IndexError):
             raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
 
-    def _translate(self, chunk: dict) -> bytes:
+    def _check_complete(self) -> None:
+        """An answer without a finish_reason and without [DONE] was cut short."""
+        if self.finish_reason is None and not self._saw_done:
+            raise _truncated()
+
+    def _done(self, event: ServerSentEvent) -> bytes:
+        raise NotImplementedError
+
+    def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
+        raise NotImplementedError
+
+
+class TokenTranslator(_Translator):
+    """Turns upstream chat-completion events into the token endpoint's output.
+
+    ``sse=False`` is the plain-text format: the bare concatenation of ``delta.content``.
+    ``sse=True`` is the relay's own events: ``meta``, one per token, and ``done``.
+    """
+
+    def __init__(self, sse: bool):
+        super().__init__()
+        self.sse = sse
+
+    def _done(self, event: ServerSentEvent) -> bytes:
+        return b""
+
+    def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         out = b""
         if self.model is None:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
@@ -246,8 +273,7 @@ class TokenTranslator:
 
     def end(self) -> bytes:
         """The closing output once the upstream body ended; raises if it ended too soon."""
-        if self.finish_reason is None and not self._saw_done:
-            raise _truncated()
+        self._check_complete()
         if not self.sse:
             return b""
         return _sse(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
@@ -257,34 +283,13 @@ class TokenTranslator:
         return _sse(error.to_json(), b"error") if self.sse else None
 
 
-class PassthroughTranslator:
+class PassthroughTranslator(_Translator):
     """Relays the upstream's events unchanged (each field line byte-identical), for /v1 callers."""
 
-    sse = True
-
-    def __init__(self):
-        self.model: str | None = None
-        self.token_count = 0
-        self.usage: dict | None = None
-        self.finish_reason: str | None = None
-        self._saw_done = False
-
-    @property
-    def completion_tokens(self) -> int:
-        reported = (self.usage or {}).get("completion_tokens")
-        return reported if isinstance(reported, int) else self.token_count
-
-    def feed(self, event: ServerSentEvent) -> bytes:
-        if event.data == b"[DONE]":
-            self._saw_done = True
-            return b"\n".join(event.lines) + b"\n\n"
-        try:
-            self._observe(_parse_chunk(event.data))
-        except (AttributeError, TypeError, KeyError, IndexError):
-            raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
+    def _done(self, event: ServerSentEvent) -> bytes:
         return b"\n".join(event.lines) + b"\n\n"
 
-    def _observe(self, chunk: dict) -> None:
+    def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         if self.model is None and isinstance(chunk.get("model"), str):
             self.model = chunk["model"]
         if chunk.get("usage"):
@@ -294,10 +299,10 @@ class PassthroughTranslator:
                 self.finish_reason = choice["finish_reason"]
             if (choice.get("delta") or {}).get("content"):
                 self.token_count += 1
+        return b"\n".join(event.lines) + b"\n\n"
 
     def end(self) -> bytes:
-        if self.finish_reason is None and not self._saw_done:
-            raise _truncated()
+        self._check_complete()
         return b""
 
     def error(self, error: RelayError) -> bytes:
