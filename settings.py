@@ -7,14 +7,14 @@ one-line message names the variable and the accepted form, and start-up stops th
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
 
+import limits
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_RATE_ITEM = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*$", re.I)
 
 
 class SettingsError(ValueError):
@@ -181,8 +181,10 @@ class _Env:
         raw = self.text(name)
         if raw is None:
             return None
-        if not all(_RATE_ITEM.match(item) for item in raw.split(";")):
-            raise SettingsError(f"{name}={raw!r}: expected limits like 20/minute;500/day")
+        try:
+            limits.parse_many(raw)  # the parser Flask-Limiter will use, so the two cannot disagree
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected limits like 20/minute;500/day") from None
         return raw
 
 
