@@ -70,11 +70,10 @@ class Guards:
             raise RelayError(403, "origin_not_allowed", f"Requests from origin {origin!r} are not allowed.")
 
     def _has_valid_token(self) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
+        presented = bearer_token()
+        if presented is None:
             return False
-        presented = token.strip().encode()
-        matches = [hmac.compare_digest(presented, known) for known in self._tokens]  # no early exit
+        matches = [hmac.compare_digest(presented.encode(), known) for known in self._tokens]  # no early exit
         return any(matches)
 
     def _origin_allowed(self, origin: str) -> bool:
@@ -85,10 +84,9 @@ class Guards:
 
     def caller(self) -> str:
         """Who is calling: a hash of the access token when tokens are in use, else the client IP."""
-        if self._tokens:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() == "bearer" and token:
-                return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+        token = bearer_token() if self._tokens else None
+        if token:
+            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
         return request.remote_addr or "unknown"
 
     def rate_limited(self, error: RateLimitExceeded) -> RelayError:
@@ -113,6 +111,12 @@ class Guards:
     def release_stream(self, slot) -> None:
         if slot is not None:
             self.stream_slots.release(slot)
+
+
+def bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def is_guarded() -> bool:
