@@ -17,10 +17,6 @@ TOKENS = "tok-alpha-123456,tok-beta-654321"
 APP_ORIGIN = "https://app.example.com"
 
 
-def ask(relay, model, headers=None, **kwargs):
-    return relay.post(PATH, {"model": model, "messages": [{"role": "user", "content": "hi"}]}, headers, **kwargs)
-
-
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
@@ -44,7 +40,7 @@ def locked(relay_factory):
 
 def test_guarded_paths_need_a_valid_bearer_token(locked, upstream):
     for headers in ({}, bearer("tok-wrong-000000"), {"Authorization": "Basic dG9rLWFscGhhLTEyMzQ1Ng=="}):
-        result = ask(locked, quick(upstream), headers)
+        result = locked.stream(quick(upstream), headers=headers)
         assert_error(result, 401, "unauthorized")
         assert result.headers["www-authenticate"].startswith("Bearer")
     assert_error(locked.request("GET", "/v1/models"), 401, "unauthorized")
@@ -53,7 +49,7 @@ def test_guarded_paths_need_a_valid_bearer_token(locked, upstream):
 
 def test_a_valid_token_is_served(locked, upstream):
     for token in TOKENS.split(","):
-        assert ask(locked, quick(upstream), bearer(token)).text == "ok"
+        assert locked.stream(quick(upstream), headers=bearer(token)).text == "ok"
 
 
 def test_health_metrics_page_and_static_files_stay_open(locked):
@@ -63,7 +59,7 @@ def test_health_metrics_page_and_static_files_stay_open(locked):
 
 def test_an_unauthenticated_caller_never_reaches_the_upstream(locked, upstream):
     model = quick(upstream)
-    ask(locked, model)
+    locked.stream(model)
     assert upstream.seen(model) == []
 
 
@@ -83,7 +79,7 @@ def test_cors_preflight_allows_the_configured_origin_and_the_sdk_headers(locked)
 
 
 def test_an_allowed_origin_is_echoed_and_can_read_the_request_id(locked, upstream):
-    result = ask(locked, quick(upstream), {"Origin": APP_ORIGIN, **bearer("tok-alpha-123456")})
+    result = locked.stream(quick(upstream), headers={"Origin": APP_ORIGIN, **bearer("tok-alpha-123456")})
     assert result.status == 200
     assert result.headers["access-control-allow-origin"] == APP_ORIGIN
     assert "x-request-id" in result.headers["access-control-expose-headers"].lower()
@@ -92,20 +88,20 @@ def test_an_allowed_origin_is_echoed_and_can_read_the_request_id(locked, upstrea
 
 def test_a_foreign_origin_is_403_before_any_upstream_call(locked, upstream):
     model = quick(upstream)
-    result = ask(locked, model, {"Origin": "https://evil.example", **bearer("tok-alpha-123456")})
+    result = locked.stream(model, headers={"Origin": "https://evil.example", **bearer("tok-alpha-123456")})
     assert_error(result, 403, "origin_not_allowed")
     assert "access-control-allow-origin" not in result.headers
     assert upstream.seen(model) == []
 
 
 def test_the_relays_own_origin_is_always_allowed(relay, upstream):
-    assert ask(relay, quick(upstream), {"Origin": relay.url}).status == 200
-    assert_error(ask(relay, quick(upstream), {"Origin": "http://elsewhere.example"}), 403, "origin_not_allowed")
+    assert relay.stream(quick(upstream), headers={"Origin": relay.url}).status == 200
+    assert_error(relay.stream(quick(upstream), headers={"Origin": "http://elsewhere.example"}), 403, "origin_not_allowed")
 
 
 def test_a_wildcard_allows_any_origin(relay_factory, upstream):
     relay = relay_factory(RELAY_ALLOWED_ORIGINS="*")
-    result = ask(relay, quick(upstream), {"Origin": "https://anywhere.example"})
+    result = relay.stream(quick(upstream), headers={"Origin": "https://anywhere.example"})
     assert result.status == 200 and result.headers["access-control-allow-origin"] in ("*", "https://anywhere.example")
 
 
@@ -115,11 +111,11 @@ def test_a_wildcard_allows_any_origin(relay_factory, upstream):
 def test_the_rate_limit_is_per_caller_with_retry_after(relay_factory, upstream):
     relay = relay_factory(RELAY_RATE_LIMIT="3/minute", RELAY_ACCESS_TOKENS=TOKENS)
     alpha, beta = bearer("tok-alpha-123456"), bearer("tok-beta-654321")
-    assert [ask(relay, quick(upstream), alpha).status for _ in range(3)] == [200, 200, 200]
-    result = ask(relay, quick(upstream), alpha)
+    assert [relay.stream(quick(upstream), headers=alpha).status for _ in range(3)] == [200, 200, 200]
+    result = relay.stream(quick(upstream), headers=alpha)
     assert_error(result, 429, "rate_limited")
     assert 1 <= int(result.headers["retry-after"]) <= 60
-    assert ask(relay, quick(upstream), beta).status == 200, "another caller has its own budget"
+    assert relay.stream(quick(upstream), headers=beta).status == 200, "another caller has its own budget"
 
 
 def test_limits_without_redis_run_one_worker_so_counts_stay_exact(relay_factory):
@@ -134,7 +130,7 @@ def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream
     first, second = relay_factory(workers=2, **settings), relay_factory(workers=2, fresh=True, **settings)
     try:
         token = bearer("tok-shared-rate-1")
-        statuses = [ask(relay, quick(upstream), token).status for relay in (first, second, first, second, first, second)]
+        statuses = [relay.stream(quick(upstream), headers=token).status for relay in (first, second, first, second, first, second)]
         assert statuses == [200, 200, 200, 200, 429, 429]
     finally:
         second.stop()
@@ -144,7 +140,7 @@ def hold_stream(relay, upstream, headers, seconds=1.5):
     """Start a stream that stays open for ``seconds``; returns the thread reading it."""
     model = upstream.script(stream_script(sse_answer(["x"]), first_delay=0.05, delay=seconds / 4))
     results = []
-    thread = threading.Thread(target=lambda: results.append(ask(relay, model, headers)))
+    thread = threading.Thread(target=lambda: results.append(relay.stream(model, headers=headers)))
     thread.start()
     upstream.wait_seen(model)
     time.sleep(0.1)
@@ -154,13 +150,13 @@ def hold_stream(relay, upstream, headers, seconds=1.5):
 def test_open_streams_per_caller_are_capped(relay_factory, upstream):
     relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="2")
     held = [hold_stream(relay, upstream, {}) for _ in range(2)]
-    result = ask(relay, quick(upstream))
+    result = relay.stream(quick(upstream))
     assert_error(result, 429, "too_many_streams")
     assert int(result.headers["retry-after"]) >= 1
     for thread, results in held:
         thread.join(10)
         assert results[0].text == "x"
-    assert ask(relay, quick(upstream)).status == 200, "finished streams give their slots back"
+    assert relay.stream(quick(upstream)).status == 200, "finished streams give their slots back"
 
 
 def test_the_stream_cap_is_shared_through_redis(relay_factory, upstream, redis_url):
@@ -169,11 +165,11 @@ def test_the_stream_cap_is_shared_through_redis(relay_factory, upstream, redis_u
     try:
         token = bearer("tok-shared-cap-1")
         held = [hold_stream(first, upstream, token), hold_stream(second, upstream, token)]
-        assert_error(ask(first, quick(upstream), token), 429, "too_many_streams")
-        assert_error(ask(second, quick(upstream), token), 429, "too_many_streams")
+        assert_error(first.stream(quick(upstream), headers=token), 429, "too_many_streams")
+        assert_error(second.stream(quick(upstream), headers=token), 429, "too_many_streams")
         for thread, _ in held:
             thread.join(10)
-        assert ask(second, quick(upstream), token).status == 200
+        assert second.stream(quick(upstream), headers=token).status == 200
     finally:
         second.stop()
 
@@ -199,11 +195,11 @@ def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upst
             model = upstream.script(script)
             for sse in (False, True):
                 headers = {**token, **({"Accept": "text/event-stream"} if sse else {})}
-                result = ask(relay, model, headers)
+                result = relay.stream(model, headers=headers)
                 bodies.append(result.body + repr(result.headers).encode())
             passthrough = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True}, token)
             bodies.append(passthrough.body + repr(passthrough.headers).encode())
-        bodies.append(ask(relay, "m", bearer("tok-wrong-000000")).body)
+        bodies.append(relay.stream("m", headers=bearer("tok-wrong-000000")).body)
         bodies.append(relay.request("GET", "/metrics").body)
         relay.stop()
         log = relay.log()
@@ -238,12 +234,12 @@ def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(rel
     relay = relay_factory(workers=2, fresh=True, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), RELAY_READ_TIMEOUT="0.5")
     try:
         for _ in range(20):
-            assert ask(relay, quick(upstream, ["a", "b", "c"])).text == "abc"
+            assert relay.stream(quick(upstream, ["a", "b", "c"])).text == "abc"
         thread, _ = hold_stream(relay, upstream, {}, seconds=1.2)
         during = relay.request("GET", "/metrics").text
         assert metric(during, "relay_active_streams") == 1
         thread.join(10)
-        assert ask(relay, upstream.script(lambda conn: conn.sleep_unless_hangup(3))).status == 504
+        assert relay.stream(upstream.script(lambda conn: conn.sleep_unless_hangup(3))).status == 504
         deadline = time.monotonic() + 3  # a request is counted as its response closes, just after the client has it
         while True:
             text = relay.request("GET", "/metrics").text
