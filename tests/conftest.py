@@ -28,6 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, probe, log, what: str, timeout: float) -> None:
+    """Poll ``probe`` until it returns true; fail with ``log()`` if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not become ready:\n{log()}")
+
+
 @dataclass
 class StreamResult:
     status: int
@@ -70,19 +85,13 @@ class Relay:
         )
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"relay did not become ready:\n{self.log()}")
+    def _wait_ready(self) -> None:
+        def healthy() -> bool:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+
+        wait_until_up(self.proc, healthy, self.log, "relay", timeout=20)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Relay, free_port
+from conftest import ROOT, Relay, free_port, wait_until_up
 from fake_upstream import sse_answer, stream_script
 from settings import load_settings
 from test_token_stream import TOKENS, assert_arrives_token_by_token
@@ -104,17 +104,12 @@ class Nginx:
         )
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not start listening:\n{self.error_log()}")
+    def _wait_ready(self) -> None:
+        def listening() -> bool:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+
+        wait_until_up(self.proc, listening, self.error_log, "nginx", timeout=10)
 
     def error_log(self) -> str:
         path = self.tmp / "error.log"
