@@ -70,44 +70,57 @@ def _cell(value, digits: int = 1, suffix: str = "") -> str:
     return f"{value:,}{suffix}"
 
 
-def figures_table(summary: dict) -> str:
-    """The figures of issue 7: throughput, CPU per token, added first-byte time, memory, correctness."""
+def _table(summary: dict, titles: list[str], row) -> str:
+    """A markdown table, one row per scenario and target; ``row(f)`` gives the (numeric) cells after those."""
     lines = [
-        "| scenario | target | tokens/s | ×direct | ×nginx | CPU µs/token | ×nginx | TTFB p50 / p99 ms "
-        "| added p50 / p99 ms | KiB/stream | peak open | errors | bad bytes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | target | " + " | ".join(titles) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in titles) + " |",
     ]
     for scenario, targets in summary.items():
         for target, f in targets.items():
-            lines.append(
-                f"| {scenario} | {target} | {_cell(f.get('tokens_per_s'), 0)}"
-                f" | {_cell(f.get('tokens_per_s_vs_direct'), 2)}"
-                f" | {_cell(f.get('tokens_per_s_vs_nginx'), 2)} | {_cell(f.get('cpu_us_per_token'))}"
-                f" | {_cell(f.get('cpu_vs_nginx'), 2)} | {_cell(f.get('ttfb_p50_ms'))} / {_cell(f.get('ttfb_p99_ms'))}"
-                f" | {_cell(f.get('ttfb_added_p50_ms'))} / {_cell(f.get('ttfb_added_p99_ms'))}"
-                f" | {_cell(f.get('mem_kib_per_stream'))} | {_cell(f.get('open_streams_peak'), 0)}"
-                f" | {_cell(f.get('errors'))} | {_cell(f.get('mismatched_bytes'))} |"
-            )
+            lines.append(f"| {scenario} | {target} | " + " | ".join(row(f)) + " |")
     return "\n".join(lines)
+
+
+def figures_table(summary: dict) -> str:
+    """The figures of issue 7: throughput, CPU per token, added first-byte time, memory, correctness."""
+    titles = ["tokens/s", "×direct", "×nginx", "CPU µs/token", "×nginx", "TTFB p50 / p99 ms",
+              "added p50 / p99 ms", "KiB/stream", "peak open", "errors", "bad bytes"]  # fmt: skip
+    return _table(
+        summary,
+        titles,
+        lambda f: [
+            _cell(f.get("tokens_per_s"), 0),
+            _cell(f.get("tokens_per_s_vs_direct"), 2),
+            _cell(f.get("tokens_per_s_vs_nginx"), 2),
+            _cell(f.get("cpu_us_per_token")),
+            _cell(f.get("cpu_vs_nginx"), 2),
+            f"{_cell(f.get('ttfb_p50_ms'))} / {_cell(f.get('ttfb_p99_ms'))}",
+            f"{_cell(f.get('ttfb_added_p50_ms'))} / {_cell(f.get('ttfb_added_p99_ms'))}",
+            _cell(f.get("mem_kib_per_stream")),
+            _cell(f.get("open_streams_peak"), 0),
+            _cell(f.get("errors")),
+            _cell(f.get("mismatched_bytes")),
+        ],
+    )
 
 
 def harness_table(summary: dict) -> str:
     """Evidence that the fake upstream and the load generator are not what limits a run."""
-    lines = [
-        "| scenario | target | pace | end late p50 / p99 ms | upstream timer late max ms | upstream µs/token "
-        "| loadgen µs/token | upstream new conns / answers |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for scenario, targets in summary.items():
-        for target, f in targets.items():
-            lines.append(
-                f"| {scenario} | {target} | {_cell(f.get('pace'), 2)}"
-                f" | {_cell(f.get('end_late_p50_ms'))} / {_cell(f.get('end_late_p99_ms'))}"
-                f" | {_cell(f.get('upstream_max_timer_late_ms'))} | {_cell(f.get('upstream_cpu_us_per_token'))}"
-                f" | {_cell(f.get('loadgen_cpu_us_per_token'))}"
-                f" | {_cell(f.get('upstream_new_connections'), 0)} / {_cell(f.get('upstream_answers'), 0)} |"
-            )
-    return "\n".join(lines)
+    titles = ["pace", "end late p50 / p99 ms", "upstream timer late max ms", "upstream µs/token",
+              "loadgen µs/token", "upstream new conns / answers"]  # fmt: skip
+    return _table(
+        summary,
+        titles,
+        lambda f: [
+            _cell(f.get("pace"), 2),
+            f"{_cell(f.get('end_late_p50_ms'))} / {_cell(f.get('end_late_p99_ms'))}",
+            _cell(f.get("upstream_max_timer_late_ms")),
+            _cell(f.get("upstream_cpu_us_per_token")),
+            _cell(f.get("loadgen_cpu_us_per_token")),
+            f"{_cell(f.get('upstream_new_connections'), 0)} / {_cell(f.get('upstream_answers'), 0)}",
+        ],
+    )
 
 
 def main(paths: list[str]) -> None:
