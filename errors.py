@@ -68,9 +68,17 @@ class RelayError(Exception):
         return headers
 
 
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """``text`` with each secret and anything shaped like an API key replaced by ``[redacted]``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
+_secrets: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Make every later ``redact`` remove ``secret`` (the upstream key, whatever its shape)."""
+    if secret:
+        _secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    """``text`` with each registered secret and anything shaped like an API key replaced by ``[redacted]``."""
+    for secret in _secrets:
+        text = text.replace(secret, "[redacted]")
     return _KEY_LIKE.sub("[redacted]", text)

@@ -26,7 +26,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from errors import RelayError, redact
+from errors import RelayError, redact, register_secret
 
 MAX_LINE_BYTES = 1 << 20  # one SSE line longer than this is a broken upstream, not a long answer
 MAX_ERROR_BODY_BYTES = 1 << 16
@@ -330,6 +330,7 @@ class UpstreamClient:
     ):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        register_secret(api_key)  # every error message built from upstream text is redacted of it
         self._timeout = (connect_timeout, read_timeout)
         self._retries = retries
         self.session = requests.Session()
@@ -402,7 +403,7 @@ class UpstreamClient:
             response.close()
         status = response.status_code
         upstream = _error_fields(body)
-        message = redact(upstream.get("message") or f"The upstream answered {status}.", (self._api_key or "",))
+        message = redact(upstream.get("message") or f"The upstream answered {status}.")
         retry_after = response.headers.get("Retry-After")
         if status in (401, 403):
             return RelayError(
@@ -747,9 +748,13 @@ class RelayStream:
             put(_Finished(error))
         except ValueError as error:  # an over-long line
             put(_Finished(_malformed(str(error))))
-        except _UpstreamSilent as exc:
-            put(_Finished(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc)))
-        except (urllib3.exceptions.HTTPError, requests.RequestException, http.client.HTTPException, OSError) as exc:
+        except (
+            _UpstreamSilent,
+            urllib3.exceptions.HTTPError,
+            requests.RequestException,
+            http.client.HTTPException,
+            OSError,
+        ) as exc:
             put(_Finished(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc)))
         except Exception:
             log.exception("the stream reader failed unexpectedly")

@@ -456,3 +456,17 @@ def test_the_stream_cap_is_429_too_many_streams_on_both_endpoints(relay_factory,
     thread.join(10)
     assert_error(result, 429, "too_many_streams")
     assert int(result.headers["retry-after"]) >= 1
+
+
+def test_a_key_of_any_shape_is_redacted_from_upstream_messages_mid_stream(relay_factory, upstream):
+    azure_style_key = "0123456789abcdef0123456789abcdef"  # no sk- prefix for a pattern to catch
+    relay = relay_factory(OPENAI_API_KEY=azure_style_key)
+    error = {"error": {"message": f"key {azure_style_key} is over quota"}}
+    events = [sse_answer(["a"])[0], f"data: {json.dumps(error)}\n\n".encode()]
+    for path in ENDPOINTS:
+        for sse in (False, True):
+            result = post(relay, path, upstream.script(stream_script(events)), sse=sse)
+            assert azure_style_key not in result.text, (path, sse)
+    first_event_error = upstream.script(stream_script([f"data: {json.dumps(error)}\n\n".encode()]))
+    result = post(relay, ENDPOINTS[0], first_event_error)
+    assert result.status == 502 and azure_style_key not in result.text and "[redacted]" in result.text
