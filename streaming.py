@@ -542,6 +542,7 @@ class UpstreamBody:
 
     def __init__(self, response: requests.Response):
         self._response = response
+        self.complete = False
         raw = response.raw
         self._http = getattr(raw, "_fp", None)  # http.client.HTTPResponse, headers already parsed
         source = getattr(self._http, "fp", None)
@@ -559,7 +560,6 @@ class UpstreamBody:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
-        self.complete = False
 
     def read(self) -> bytes:
         """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
