@@ -28,14 +28,18 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import metrics
 from errors import RelayError
 from guards import GUARDED_PREFIXES, Guards, is_guarded
+from resume import STREAM_ID, MemoryResumeStore, RedisResumeStore, StreamRecording, follow, parse_last_event_id
 from settings import Settings, SettingsError, load_settings
 from streaming import (
+    PING,
     ClientGone,
     PassthroughTranslator,
     RelayStream,
     TokenTranslator,
     UpstreamClient,
     client_socket_closed,
+    shutting_down,
+    sse_error_frame,
 )
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -86,18 +90,26 @@ def create_app(settings: Settings | None = None) -> Flask:
         pool_size=settings.worker_connections,
     )
     relay = app.extensions["relay"] = _Relay(settings, upstream)
+    if settings.resume_seconds:
+        live_seconds = settings.read_timeout + 10  # a record nobody appends to for longer lost its writer
+        relay.resume_store = (
+            RedisResumeStore(settings.redis_url, settings.resume_seconds, live_seconds)
+            if settings.redis_url
+            else MemoryResumeStore(settings.resume_seconds, live_seconds)
+        )
     _register(app, settings)  # first, so its checks run before the rate limiter's
     relay.guards = Guards(app, settings)
     return app
 
 
 class _Relay:
-    """What the routes share: settings, the upstream client and the guards."""
+    """What the routes share: settings, the upstream client, the guards and the resume store."""
 
     def __init__(self, settings: Settings, upstream: UpstreamClient):
         self.settings = settings
         self.upstream = upstream
         self.guards: Guards | None = None
+        self.resume_store: MemoryResumeStore | RedisResumeStore | None = None
 
 
 def _register(app: Flask, settings: Settings) -> None:
@@ -172,7 +184,13 @@ def _register(app: Flask, settings: Settings) -> None:
         payload = _token_request(_json_body(), settings)
         accept = request.accept_mimetypes
         sse = any(kind.lower() == "text/event-stream" and quality > 0 for kind, quality in accept)
-        return _relay_stream(relay, payload, TokenTranslator(sse=sse))
+        recording = _start_recording(relay) if sse and request.headers.get("X-Relay-Resumable") == "1" else None
+        translator = TokenTranslator(sse=sse, stream_id=recording.stream_id if recording else None)
+        return _relay_stream(relay, payload, translator, recording)
+
+    @app.get("/api/streams/<stream_id>")
+    def resume_stream(stream_id: str):
+        return _follow_stream(relay, stream_id)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -291,7 +309,7 @@ def _passthrough_request(body: dict, settings: Settings) -> dict:
 # --- relaying a stream --------------------------------------------------------------------------
 
 
-def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
+def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRecording | None = None) -> Response:
     """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
     settings, guards, fields = relay.settings, relay.guards, g.log
     client_socket = request.environ.get("gunicorn.socket")
@@ -304,11 +322,16 @@ def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
         read_timeout=settings.read_timeout,
         client_gone=client_gone,
         heartbeat_seconds=settings.heartbeat_seconds,
+        recording=recording,
     )
+    headers = STREAM_HEADERS if recording is None else {**STREAM_HEADERS, "X-Relay-Stream-Id": recording.stream_id}
 
-    def finish(outcome: str) -> None:
-        stream.close()
-        guards.release_stream(slot)
+    def finish(outcome: str, resumable: bool = False) -> None:
+        # A resumable answer whose caller left goes on (recorded) and keeps its slot until it ends.
+        kept_going = resumable and outcome == "client_disconnect" and stream.detach(lambda: guards.release_stream(slot))
+        if not kept_going:
+            stream.close()
+            guards.release_stream(slot)
         metrics.ACTIVE_STREAMS.dec()
         fields["outcome"] = outcome
         fields["completion_tokens"] = translator.completion_tokens
@@ -320,7 +343,7 @@ def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
     try:
         first = stream.first()
     except BaseException:
-        finish(stream.outcome)
+        finish(stream.outcome)  # the caller never got the stream's id: nothing to resume
         raise
     fields["ttft_s"] = round(stream.first_event_at - g.started, 4) if stream.first_event_at else None
 
@@ -334,9 +357,61 @@ def _relay_stream(relay: _Relay, payload: dict, translator) -> Response:
             outcome = stream.outcome
             _abort_connection(client_socket)
         finally:
-            finish(outcome)
+            finish(outcome, resumable=True)
 
-    return Response(body(), 200, headers=STREAM_HEADERS)
+    return Response(body(), 200, headers=headers)
+
+
+def _start_recording(relay: _Relay) -> StreamRecording | None:
+    """A record for a resumable answer; None when the relay keeps none (or its store is down)."""
+    store = relay.resume_store
+    if store is None:
+        return None
+    stream_id = store.create(relay.guards.owner())
+    if stream_id is None:
+        return None
+    g.log["stream_id"] = stream_id
+    return StreamRecording(store, stream_id, relay.settings.resume_seconds)
+
+
+def _follow_stream(relay: _Relay, stream_id: str) -> Response:
+    """Replay a resumable answer after the caller's Last-Event-ID, then follow it live to its end."""
+    store, settings = relay.resume_store, relay.settings
+    not_found = RelayError(404, "stream_not_found", "No resumable answer with this id (it may have expired).")
+    if store is None or not STREAM_ID.match(stream_id):
+        raise not_found
+    g.log["stream_id"] = stream_id
+    info = store.info(stream_id)
+    if info is None or (info.owner and info.owner != relay.guards.owner()):
+        raise not_found  # another caller's answer looks exactly like an unknown one
+    given = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    after = parse_last_event_id(given, stream_id)
+    if after is None:
+        raise RelayError(
+            400, "invalid_last_event_id", f"Last-Event-ID must be '{stream_id}:<sequence>', as this answer's events carry.",
+            param="Last-Event-ID",
+        )  # fmt: skip
+    if after > info.last_seq:
+        raise RelayError(
+            400, "invalid_last_event_id", f"This answer has no event {after} yet; its last is {info.last_seq}.",
+            param="Last-Event-ID",
+        )  # fmt: skip
+    lost = RelayError(502, "upstream_error", "The answer's record ended before the answer did; ask again.", outcome="upstream_error")
+    client_socket = request.environ.get("gunicorn.socket")
+    poll_seconds = min(settings.heartbeat_seconds, settings.resume_seconds / 3)  # followers must show up in time
+    events = follow(
+        store, stream_id, after,
+        poll_seconds=poll_seconds, heartbeat=settings.heartbeat_seconds, lost_frame=sse_error_frame(lost), ping=PING,
+    )  # fmt: skip
+
+    def body():
+        for part in events:
+            if shutting_down():  # the answer goes on elsewhere: hang up so the caller resumes there
+                _abort_connection(client_socket)
+                return
+            yield part
+
+    return Response(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
 
 
 def _abort_connection(client_socket) -> None:

@@ -43,7 +43,7 @@ class Guards:
                 resources={r"/api/*": {}, r"/v1/*": {}},
                 origins=list(settings.allowed_origins),
                 allow_headers="*",  # echoes what the preflight asks for: the npm SDK sends X-Stainless-*
-                expose_headers=["X-Request-ID"],
+                expose_headers=["X-Request-ID", "X-Relay-Stream-Id"],
                 max_age=600,
             )
         self.limiter = Limiter(
@@ -88,6 +88,10 @@ class Guards:
         if token:
             return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
         return request.remote_addr or "unknown"
+
+    def owner(self) -> str:
+        """Whose resumable answer this is: the access token's hash, or "" (whoever has its id) without tokens."""
+        return self.caller() if self._tokens else ""
 
     def rate_limited(self, error: RateLimitExceeded) -> RelayError:
         current = self.limiter.current_limit

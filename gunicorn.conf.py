@@ -41,9 +41,11 @@ worker_class = "gevent"
 
 # One worker per CPU (WEB_CONCURRENCY) is enough: the work is I/O, and more processes only
 # multiply memory and upstream connection pools. Rate limits and stream caps without REDIS_URL are
-# counted in process memory, where N workers would silently allow N times the limit: then one
-# worker serves (it holds RELAY_WORKER_CONNECTIONS streams; set REDIS_URL to use more).
-workers = 1 if _settings.needs_shared_counts else _settings.web_concurrency
+# counted in process memory, where N workers would silently allow N times the limit, and resumable
+# answers (RELAY_RESUME_SECONDS) are kept there, where a resume reaching another worker would not
+# find them: then one worker serves (it holds RELAY_WORKER_CONNECTIONS streams; set REDIS_URL to
+# use more).
+workers = 1 if _settings.needs_one_process else _settings.web_concurrency
 
 # Open streams one worker may hold at once (RELAY_WORKER_CONNECTIONS). The relay's upstream
 # connection pool is sized to match, so a busy worker never queues for an upstream socket.
@@ -106,6 +108,13 @@ def post_request(worker, req, environ, resp):
             pass
 
 
+def worker_exit(server, worker):
+    """Give answers that nobody is reading (their caller left) a moment to record how they ended."""
+    import streaming
+
+    streaming.wait_for_detached(timeout=2.0)
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges (open streams) must stop counting in /metrics."""
     from prometheus_client import multiprocess
@@ -125,7 +134,8 @@ def on_starting(server):
         os.remove(stale)  # counts from a previous run would be summed into this one's
     if workers < _settings.web_concurrency:
         server.log.warning(
-            "rate limits without REDIS_URL are counted per process: running 1 worker instead of %s",
+            "rate limits, stream caps and resumable answers without REDIS_URL live in one process: "
+            "running 1 worker instead of %s",
             _settings.web_concurrency,
         )
     _raise_file_limit(server)

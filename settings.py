@@ -41,6 +41,7 @@ class Settings:
     retries: int = 2
     heartbeat_seconds: float = 15.0
     graceful_timeout: float = 30.0
+    resume_seconds: float = 0.0
     log_level: str = "INFO"
     host: str = "0.0.0.0"
     port: int = 8000
@@ -49,9 +50,9 @@ class Settings:
     metrics_dir: str | None = None
 
     @property
-    def needs_shared_counts(self) -> bool:
-        """Limits are set but have no Redis: their counts are exact only within one process."""
-        return bool(self.rate_limit or self.max_streams_per_caller) and not self.redis_url
+    def needs_one_process(self) -> bool:
+        """State that must be shared (limits' counts, resumable answers) has no Redis to live in."""
+        return bool(self.rate_limit or self.max_streams_per_caller or self.resume_seconds) and not self.redis_url
 
     @property
     def upstream_label(self) -> str:
@@ -89,6 +90,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retries=env.integer("RELAY_RETRIES", 2, minimum=0, maximum=10),
         heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0),
         graceful_timeout=env.seconds("RELAY_GRACEFUL_TIMEOUT", 30.0),
+        resume_seconds=env.seconds("RELAY_RESUME_SECONDS", 0.0, allow_zero=True),
         log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
         host=env.text("HOST") or "0.0.0.0",
         port=env.integer("PORT", 8000, minimum=0, maximum=65535),
@@ -132,7 +134,7 @@ class _Env:
             raise SettingsError(f"{name}={raw!r}: expected a whole number{bounds}")
         return value
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         raw = self.text(name)
         if raw is None:
             return default
@@ -140,8 +142,9 @@ class _Env:
             value = float(raw)
         except ValueError:
             value = -1.0
-        if not value > 0 or value == float("inf"):
-            raise SettingsError(f"{name}={raw!r}: expected a positive number of seconds, e.g. 5 or 0.5")
+        if not (value > 0 or (allow_zero and value == 0)) or value == float("inf"):
+            what = "zero or a positive" if allow_zero else "a positive"
+            raise SettingsError(f"{name}={raw!r}: expected {what} number of seconds, e.g. 5 or 0.5")
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

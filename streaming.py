@@ -153,6 +153,11 @@ def _sse(data: bytes, event: bytes | None = None) -> bytes:
 PING = b": ping\n\n"
 
 
+def sse_error_frame(error: RelayError) -> bytes:
+    """An ``error`` event that belongs to no answer's numbering (a follower's own failure)."""
+    return _sse(error.to_json(), b"error")
+
+
 def _upstream_event_error(error) -> RelayError:
     if not isinstance(error, dict):
         error = {"message": str(error)}
@@ -238,12 +243,31 @@ class TokenTranslator(_Translator):
     """Turns upstream chat-completion events into the token endpoint's output.
 
     ``sse=False`` is the plain-text format: the bare concatenation of ``delta.content``.
-    ``sse=True`` is the relay's own events: ``meta``, one per token, and ``done``.
+    ``sse=True`` is the relay's own events: ``meta``, one per token, and ``done``. With a
+    ``stream_id`` (a resumable answer) each event also carries ``id: <stream id>:<seq>`` and is kept
+    until ``take_frames`` hands it to the answer's record.
     """
 
-    def __init__(self, sse: bool):
+    def __init__(self, sse: bool, stream_id: str | None = None):
         super().__init__()
         self.sse = sse
+        self.stream_id = stream_id if sse else None
+        self._id_prefix = b"id: " + stream_id.encode() + b":" if self.stream_id else None
+        self._seq = 0
+        self._frames: list[bytes] = []
+
+    def _frame(self, data: bytes, event: bytes | None = None) -> bytes:
+        if self._id_prefix is None:
+            return _sse(data, event)
+        self._seq += 1
+        frame = self._id_prefix + str(self._seq).encode() + b"\n" + _sse(data, event)
+        self._frames.append(frame)
+        return frame
+
+    def take_frames(self) -> list[bytes]:
+        """The numbered events made since the last call, for the answer's record."""
+        frames, self._frames = self._frames, []
+        return frames
 
     def _done(self, event: ServerSentEvent) -> bytes:
         return b""
@@ -254,7 +278,9 @@ class TokenTranslator(_Translator):
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
             if self.sse:
                 meta = {"id": chunk.get("id"), "model": chunk.get("model"), "created": chunk.get("created")}
-                out = _sse(orjson.dumps(meta), b"meta")
+                if self.stream_id:
+                    meta["stream_id"] = self.stream_id
+                out = self._frame(orjson.dumps(meta), b"meta")
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         choices = chunk.get("choices")
@@ -268,7 +294,7 @@ class TokenTranslator(_Translator):
             return out
         self.token_count += 1
         if self.sse:
-            return out + _sse(orjson.dumps({"content": content}))
+            return out + self._frame(orjson.dumps({"content": content}))
         return out + content.encode()
 
     def end(self) -> bytes:
@@ -276,11 +302,11 @@ class TokenTranslator(_Translator):
         self._check_complete()
         if not self.sse:
             return b""
-        return _sse(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
+        return self._frame(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
 
     def error(self, error: RelayError) -> bytes | None:
         """The output that tells the caller the stream failed; None means: abort the connection."""
-        return _sse(error.to_json(), b"error") if self.sse else None
+        return self._frame(error.to_json(), b"error") if self.sse else None
 
 
 class PassthroughTranslator(_Translator):
@@ -603,9 +629,24 @@ _shutdown_deadline = float("inf")
 
 
 def begin_shutdown(grace_seconds: float) -> None:
-    """The server is stopping: streams still open ``grace_seconds`` from now end as failures."""
+    """The server is stopping: streams still open ``grace_seconds`` from now end as failures.
+
+    Answers nobody is reading (resumable ones whose caller left) end now: this worker will not
+    wait for them, and their record should say how they ended.
+    """
     global _shutdown_deadline
     _shutdown_deadline = min(_shutdown_deadline, time.monotonic() + grace_seconds)
+    _watch.stop_detached()
+
+
+def wait_for_detached(timeout: float) -> None:
+    """At worker exit: let readers of answers nobody is reading finish recording their end."""
+    gevent.joinall([stream._reader for stream in list(_watch._streams) if stream.detached], timeout=timeout)
+
+
+def shutting_down() -> bool:
+    """True once this worker's shutdown deadline has passed."""
+    return time.monotonic() >= _shutdown_deadline
 
 
 def _shutdown_error() -> RelayError:
@@ -626,11 +667,20 @@ class _UpstreamSilent(Exception):
     """Raised into a reader whose upstream said nothing for longer than the read timeout."""
 
 
-class _Finished:
-    __slots__ = ("error",)
+class _Stop(Exception):
+    """Raised into a reader to end its answer with ``error`` (the relay is shutting down)."""
 
-    def __init__(self, error: RelayError | None):
+    def __init__(self, error: RelayError):
+        super().__init__(error.code)
         self.error = error
+
+
+class _Finished:
+    __slots__ = ("error", "tail")
+
+    def __init__(self, error: RelayError | None, tail: bytes | None = None):
+        self.error = error
+        self.tail = tail  # the failure's frame for the caller; None: abort the connection
 
 
 _GONE = object()  # queued by the watch when the caller has hung up
@@ -650,9 +700,10 @@ def client_socket_closed(sock) -> bool:
 class _StreamWatch:
     """One greenlet per worker keeping every open stream's clocks.
 
-    Read timeouts, heartbeats, the check that a silent stream's caller is still there and the
-    shutdown deadline are all decided here, a few times a second, so that the hot path (a socket
-    read, a queue wait) never arms a timer of its own.
+    Read timeouts, heartbeats, the check that a silent stream's caller is still there, how long a
+    resumable answer whose caller left may wait for it, and the shutdown deadline are all decided
+    here, a few times a second, so that the hot path (a socket read, a queue wait) never arms a
+    timer of its own.
     """
 
     def __init__(self):
@@ -668,6 +719,11 @@ class _StreamWatch:
 
     def discard(self, stream: RelayStream) -> None:
         self._streams.discard(stream)
+
+    def stop_detached(self) -> None:
+        for stream in list(self._streams):
+            if stream.detached:
+                stream._stop(_shutdown_error())
 
     def _run(self) -> None:
         while self._streams:
@@ -691,6 +747,10 @@ class RelayStream:
     ``_StreamWatch`` adds heartbeats and hang-up notices to the queue and stops a reader whose
     upstream went silent. ``close()`` is the one cleanup: it stops the reader, whose ``finally``
     closes the upstream response (or returns its connection to the pool after a clean end).
+
+    A resumable answer (``recording``) also appends every event to its record. When its caller
+    leaves, ``detach()`` replaces ``close()``: the reader goes on recording, and is stopped only if
+    no follower has read the record for ``recording.linger_seconds``.
     """
 
     def __init__(
@@ -701,6 +761,7 @@ class RelayStream:
         read_timeout: float,
         client_gone: Callable[[], bool] = lambda: False,
         heartbeat_seconds: float | None = None,
+        recording=None,
     ):
         self.translator = translator
         self.error: RelayError | None = None
@@ -709,18 +770,27 @@ class RelayStream:
         self._client_gone = client_gone
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._read_timeout = read_timeout
+        self._recording = recording
         self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
         self._finished = False
         self._committed = False
+        self._ending = False  # the reader is recording and queueing the answer's end: leave it be
         self._waiting_since: float | None = None  # when the caller's side started waiting, if it is
         self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
+        self._detached_at: float | None = None  # when a resumable answer's caller left
+        self._checking_followers = False
+        self._on_retired: Callable[[], None] | None = None
         self._reader = gevent.spawn(self._read, open_upstream)
         _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
+
+    @property
+    def detached(self) -> bool:
+        return self._detached_at is not None
 
     # The reader greenlet.
 
     def _read(self, open_upstream: Callable[[], requests.Response]) -> None:
-        translator, put = self.translator, self._queue.put
+        translator = self.translator
         decoder = SSEDecoder()
         response = None
         try:
@@ -740,14 +810,13 @@ class RelayStream:
             body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
-            tail = translator.end()
-            if tail:
-                put(tail)
-            put(_Finished(None))
+            self._end(None, translator.end())
+        except _Stop as stop:
+            self._end(stop.error)
         except RelayError as error:
-            put(_Finished(error))
+            self._end(error)
         except ValueError as error:  # an over-long line
-            put(_Finished(_malformed(str(error))))
+            self._end(_malformed(str(error)))
         except (
             _UpstreamSilent,
             urllib3.exceptions.HTTPError,
@@ -755,14 +824,16 @@ class RelayStream:
             http.client.HTTPException,
             OSError,
         ) as exc:
-            put(_Finished(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc)))
+            self._end(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc))
         except Exception:
             log.exception("the stream reader failed unexpectedly")
-            put(_Finished(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error")))
+            self._end(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error"))
         finally:
             self._reading_since = None
             if response is not None:
                 response.close()
+            if self.detached:
+                self._retire()
 
     def _translate(self, events: list[ServerSentEvent]) -> None:
         """Queue the output of one read's events; what came before a failing event is kept."""
@@ -775,27 +846,53 @@ class RelayStream:
                 break
         if parts:
             out = b"".join(parts)
+            self._record()
             if self.first_event_at is None:
                 self.first_event_at = time.monotonic()
-                self._queue.put(out)  # even when empty: the first event is what commits the response
+                self._put(out)  # even when empty: the first event is what commits the response
             elif out:
-                self._queue.put(out)
+                self._put(out)
         if error is not None:
             raise error
+
+    def _end(self, error: RelayError | None, tail: bytes = b"") -> None:
+        """Record and queue how the answer ended: its closing output, or its failure."""
+        self._ending = True
+        if error is not None:
+            tail = self.translator.error(error)
+        self._record(end=True)
+        if error is None:
+            if tail:
+                self._put(tail)
+            tail = None
+        self._put(_Finished(error, tail))
+
+    def _record(self, end: bool = False) -> None:
+        if self._recording is not None:
+            self._recording.append(self.translator.take_frames(), end)
+
+    def _put(self, item) -> None:
+        if not self.detached:  # nobody reads the queue of a detached answer: its record is what counts
+            self._queue.put(item)
 
     # The watch's view, a few times a second.
 
     def _on_tick(self, now: float) -> None:
+        if now >= _shutdown_deadline:
+            self._stop(_shutdown_error())
         reading_since = self._reading_since
         if reading_since is not None and now - reading_since >= self._read_timeout:
             self._reading_since = None
             self._reader.kill(_UpstreamSilent(), block=False)
+        if self.detached:
+            if now - self._detached_at >= self._recording.linger_seconds and not self._checking_followers:
+                self._checking_followers = True
+                gevent.spawn(self._stop_unless_followed)
+            return
         waiting_since = self._waiting_since
         if waiting_since is None or not self._queue.empty():
             return
-        if now >= _shutdown_deadline:
-            self._notify(_Finished(_shutdown_error()))
-        elif now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
+        if now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
             self._notify(_GONE)
         elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat:
             self._notify(PING)
@@ -803,6 +900,26 @@ class RelayStream:
     def _notify(self, item) -> None:
         self._waiting_since = None  # one notice per wait
         self._queue.put_nowait(item)
+
+    def _stop(self, error: RelayError) -> None:
+        """Make the reader end the answer with ``error`` (recorded and sent like any failure)."""
+        if not self._ending and not self._reader.dead:
+            self._ending = True
+            self._reader.kill(_Stop(error), block=False)
+
+    def _stop_unless_followed(self) -> None:
+        """A detached answer's grace is over: go on only if a follower read it within the grace."""
+        try:
+            seen = self._recording.follower_seen()
+            quiet = time.time() - seen if seen is not None else float("inf")
+            if quiet < self._recording.linger_seconds:
+                self._detached_at = time.monotonic() - quiet
+                return
+            self.outcome = "client_disconnect"
+            self._reader.kill(block=True, timeout=2)
+            self._recording.discard()
+        finally:
+            self._checking_followers = False
 
     # The caller's side.
 
@@ -823,20 +940,17 @@ class RelayStream:
         queue = self._queue
         while not self._finished:
             item = self._next()
-            if time.monotonic() >= _shutdown_deadline:
-                item = _Finished(_shutdown_error())
             parts = []
             while True:
                 if isinstance(item, _Finished):
                     self._finished = True
                     if item.error is not None:
                         self._fail(item.error)
-                        tail = self.translator.error(item.error)
-                        if tail is None:
+                        if item.tail is None:
                             if parts:
                                 yield b"".join(parts)
                             raise item.error
-                        parts.append(tail)
+                        parts.append(item.tail)
                     break
                 parts.append(item)
                 if queue.empty():
@@ -865,6 +979,28 @@ class RelayStream:
         _watch.discard(self)
         if not self._reader.dead:
             self._reader.kill(block=True, timeout=2)
+            if self._recording is not None:
+                self._recording.discard()  # cut short before anyone could resume it
+
+    def detach(self, on_retired: Callable[[], None]) -> bool:
+        """The caller of a resumable answer left: keep reading and recording it instead of closing.
+
+        Returns False (call ``close()`` instead) when there is nothing to keep going. Otherwise
+        ``on_retired`` runs once the reader has stopped, however it stopped.
+        """
+        if self._recording is None or self._reader.dead:
+            return False
+        self._on_retired = on_retired
+        self._detached_at = time.monotonic()
+        while not self._queue.empty():  # frees a reader waiting for room on a full queue
+            self._queue.get_nowait()
+        return True
+
+    def _retire(self) -> None:
+        _watch.discard(self)
+        on_retired, self._on_retired = self._on_retired, None
+        if on_retired is not None:
+            on_retired()
 
 
 def _stop_socket_timeouts(response: requests.Response) -> None:

@@ -118,11 +118,13 @@ def test_the_rate_limit_is_per_caller_with_retry_after(relay_factory, upstream):
     assert relay.stream(quick(upstream), headers=beta).status == 200, "another caller has its own budget"
 
 
-def test_limits_without_redis_run_one_worker_so_counts_stay_exact(relay_factory):
-    relay = relay_factory(workers=2, RELAY_RATE_LIMIT="100/minute")
+@pytest.mark.parametrize("setting", ["RELAY_RATE_LIMIT=100/minute", "RELAY_RESUME_SECONDS=30"])
+def test_shared_state_without_redis_runs_one_worker_so_it_stays_exact(relay_factory, setting):
+    name, _, value = setting.partition("=")
+    relay = relay_factory(workers=2, **{name: value})
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
     assert len(children) == 1
-    assert "counted per process" in relay.log()
+    assert "live in one process: running 1 worker instead of 2" in relay.log()
 
 
 def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream, redis_url):

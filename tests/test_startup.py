@@ -36,6 +36,7 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("REDIS_URL", "http://localhost"),
         ("WEB_CONCURRENCY", "0"),
         ("LOG_LEVEL", "LOUD"),
+        ("RELAY_RESUME_SECONDS", "-5"),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
@@ -66,6 +67,9 @@ def test_settings_defaults_match_the_contract():
     assert (settings.connect_timeout, settings.read_timeout, settings.retries) == (5, 120, 2)
     assert (settings.heartbeat_seconds, settings.graceful_timeout, settings.max_body_bytes) == (15, 30, 1_048_576)
     assert settings.worker_connections == 2000 and settings.trusted_proxies == 0
+    assert settings.resume_seconds == 0, "resumable answers are off unless asked for"
+    assert load_settings({**BASE, "RELAY_RESUME_SECONDS": "0"}).resume_seconds == 0
+    assert load_settings({**BASE, "RELAY_RESUME_SECONDS": "90"}).resume_seconds == 90
     assert "sk-test" not in repr(settings), "the key must not appear in the settings' repr"
 
 

@@ -1,0 +1,282 @@
+"""The record of resumable answers: their events kept for a caller who lost its connection.
+
+A resumable answer's events are appended here as the upstream sends them, numbered 1, 2, 3...,
+and kept for ``RELAY_RESUME_SECONDS`` after the answer ends. ``RedisResumeStore`` keeps them in one
+Redis Stream per answer, so any worker on any machine can replay them; ``MemoryResumeStore`` keeps
+them in this process (gunicorn.conf.py then runs one worker). ``follow`` reads an answer back:
+what was missed, then the live events to the end. Nothing here imports Flask.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import gevent.event
+import redis
+
+log = logging.getLogger("chat_relay")
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # secrets.token_urlsafe(16): 128 random bits
+_LAST_EVENT_ID = re.compile(r"^([A-Za-z0-9_-]{22}):([0-9]{1,9})$")
+SWEEP_SECONDS = 1.0  # how often the memory store forgets expired answers, at most
+REDIS_BLOCK_SECONDS = 5.0  # one blocking read's wait; a follower re-checks the record after it
+
+
+def new_stream_id() -> str:
+    """An unguessable id: knowing it is what lets a caller without an access token resume."""
+    return secrets.token_urlsafe(16)
+
+
+def parse_last_event_id(value: str | None, stream_id: str) -> int | None:
+    """The sequence number in ``<stream id>:<seq>`` (0 when absent); None when it is not one of ours."""
+    if not value:
+        return 0
+    match = _LAST_EVENT_ID.match(value.strip())
+    if match is None or match.group(1) != stream_id:
+        return None
+    return int(match.group(2))
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    owner: str  # the access token's hash, or "" when the relay has no access tokens
+    last_seq: int
+
+
+@dataclass
+class Chunk:
+    """What one read of a record gave: frames after the asked sequence, and the record's state."""
+
+    frames: list[bytes]
+    last_seq: int
+    ended: bool
+    exists: bool
+
+
+class MemoryResumeStore:
+    """Records in this process's memory: exact for one worker, lost when it restarts."""
+
+    def __init__(self, linger_seconds: float, live_seconds: float):
+        self._linger = linger_seconds
+        self._live = live_seconds  # how long a record whose writer went quiet is kept
+        self._records: dict[str, _MemoryRecord] = {}
+        self._swept_at = 0.0
+
+    def create(self, owner: str) -> str | None:
+        self._sweep()
+        stream_id = new_stream_id()
+        self._records[stream_id] = _MemoryRecord(owner, time.monotonic() + self._live)
+        return stream_id
+
+    def append(self, stream_id: str, frames: list[bytes], end: bool) -> None:
+        record = self._records.get(stream_id)
+        if record is None or record.ended:
+            return
+        record.frames.extend(frames)
+        record.ended = record.ended or end
+        record.expires_at = time.monotonic() + (self._linger if end else self._live)
+        changed, record.changed = record.changed, gevent.event.Event()
+        changed.set()
+
+    def info(self, stream_id: str) -> RecordInfo | None:
+        record = self._get(stream_id)
+        return None if record is None else RecordInfo(record.owner, len(record.frames))
+
+    def read(self, stream_id: str, after: int, wait: float) -> Chunk:
+        record = self._get(stream_id)
+        if record is None:
+            return Chunk([], after, False, False)
+        record.seen = time.time()
+        if len(record.frames) <= after and not record.ended:
+            record.changed.wait(wait)
+            if self._records.get(stream_id) is not record:  # discarded meanwhile
+                return Chunk([], after, False, False)
+        frames = record.frames[after:]
+        return Chunk(frames, after + len(frames), record.ended, True)
+
+    def follower_seen(self, stream_id: str) -> float | None:
+        record = self._records.get(stream_id)
+        return None if record is None else record.seen
+
+    def discard(self, stream_id: str) -> None:
+        record = self._records.pop(stream_id, None)
+        if record is not None:
+            record.changed.set()
+
+    def _get(self, stream_id: str):
+        record = self._records.get(stream_id)
+        if record is not None and record.expires_at <= time.monotonic():
+            self.discard(stream_id)
+            return None
+        return record
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._swept_at < SWEEP_SECONDS:
+            return
+        self._swept_at = now
+        for stream_id in [key for key, record in self._records.items() if record.expires_at <= now]:
+            self.discard(stream_id)
+
+
+class _MemoryRecord:
+    __slots__ = ("owner", "frames", "ended", "expires_at", "changed", "seen")
+
+    def __init__(self, owner: str, expires_at: float):
+        self.owner = owner
+        self.frames: list[bytes] = []
+        self.ended = False
+        self.expires_at = expires_at
+        self.changed = gevent.event.Event()  # set, and replaced, whenever frames arrive
+        self.seen: float | None = None  # wall-clock time a follower last read
+
+
+class RedisResumeStore:
+    """Records in Redis, one Stream per answer, so a resume may land on any worker or machine.
+
+    Entry ids are ``0-<seq>``, so "the events after seq N" is Redis's own ``XREAD ... 0-N``; the
+    last entry of a finished answer carries an ``end`` field. The owner and when a follower last
+    read live in a hash beside it. Both keys expire: ``RELAY_RESUME_SECONDS`` after the end, or a
+    while after the last append if the writing relay died. One round-trip per upstream read.
+    """
+
+    def __init__(self, url: str, linger_seconds: float, live_seconds: float):
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_BLOCK_SECONDS + 5, socket_connect_timeout=2)
+        self._linger = max(1, round(linger_seconds))
+        self._live = max(1, round(live_seconds))
+        self._seqs: dict[str, int] = {}  # the next sequence number of each answer this process writes
+
+    @staticmethod
+    def _keys(stream_id: str) -> tuple[str, str]:
+        return f"chat-relay:resume:{stream_id}", f"chat-relay:resume:{stream_id}:info"
+
+    def create(self, owner: str) -> str | None:
+        stream_id = new_stream_id()
+        _, info = self._keys(stream_id)
+        try:
+            self._redis.hset(info, mapping={"owner": owner})
+            self._redis.expire(info, self._live)
+        except redis.RedisError:
+            log.warning("Redis unavailable: this answer is not resumable")
+            return None
+        self._seqs[stream_id] = 1
+        return stream_id
+
+    def append(self, stream_id: str, frames: list[bytes], end: bool) -> None:
+        seq = self._seqs.get(stream_id)
+        if seq is None or not (frames or end):
+            return
+        events, info = self._keys(stream_id)
+        ttl = self._linger if end else self._live
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for index, frame in enumerate(frames):
+                    fields = {"f": frame, "end": b"1"} if end and index == len(frames) - 1 else {"f": frame}
+                    pipe.xadd(events, fields, id=f"0-{seq + index}")
+                pipe.expire(events, ttl)
+                pipe.expire(info, ttl)
+                pipe.execute()
+        except redis.RedisError:
+            log.warning("Redis unavailable: stopped recording a resumable answer")
+            self._seqs.pop(stream_id, None)
+            return
+        self._seqs[stream_id] = seq + len(frames)
+        if end:
+            self._seqs.pop(stream_id, None)
+
+    def info(self, stream_id: str) -> RecordInfo | None:
+        events, info = self._keys(stream_id)
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(info, "owner")
+                pipe.xrevrange(events, count=1)
+                owner, last = pipe.execute()
+        except redis.RedisError:
+            log.warning("Redis unavailable: cannot resume an answer")
+            return None
+        if owner is None:
+            return None
+        return RecordInfo(owner.decode(), _seq_of(last[0][0]) if last else 0)
+
+    def read(self, stream_id: str, after: int, wait: float) -> Chunk:
+        events, info = self._keys(stream_id)
+        try:
+            self._redis.hset(info, "seen", time.time())
+            reply = self._redis.xread({events: f"0-{after}"}, block=max(1, int(min(wait, REDIS_BLOCK_SECONDS) * 1000)))
+            entries = reply[0][1] if reply else []
+            exists = bool(entries) or bool(self._redis.exists(info))
+        except redis.RedisError:
+            log.warning("Redis unavailable while following a resumed answer")
+            return Chunk([], after, False, True)  # try again: the record may still be there
+        frames = [fields[b"f"] for _, fields in entries]
+        ended = bool(entries) and b"end" in entries[-1][1]
+        return Chunk(frames, _seq_of(entries[-1][0]) if entries else after, ended, exists)
+
+    def follower_seen(self, stream_id: str) -> float | None:
+        _, info = self._keys(stream_id)
+        try:
+            seen = self._redis.hget(info, "seen")
+        except redis.RedisError:
+            return time.time()  # cannot tell: keep the answer going rather than cancel it
+        return float(seen) if seen else None
+
+    def discard(self, stream_id: str) -> None:
+        self._seqs.pop(stream_id, None)
+        try:
+            self._redis.delete(*self._keys(stream_id))
+        except redis.RedisError:
+            pass  # the keys expire by themselves
+
+
+def _seq_of(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[1])
+
+
+class StreamRecording:
+    """One answer's handle on the store, as its ``RelayStream`` uses it."""
+
+    def __init__(self, store, stream_id: str, linger_seconds: float):
+        self.store = store
+        self.stream_id = stream_id
+        self.linger_seconds = linger_seconds
+
+    def append(self, frames: list[bytes], end: bool = False) -> None:
+        self.store.append(self.stream_id, frames, end)
+
+    def follower_seen(self) -> float | None:
+        return self.store.follower_seen(self.stream_id)
+
+    def discard(self) -> None:
+        self.store.discard(self.stream_id)
+
+
+def follow(
+    store, stream_id: str, after: int, *, poll_seconds: float, heartbeat: float, lost_frame: bytes, ping: bytes
+) -> Iterator[bytes]:
+    """An answer's events after sequence ``after``, then its live ones, until its last event.
+
+    Each read waits at most ``poll_seconds`` and marks the answer as followed, so the relay writing
+    it keeps it going. Yields ``ping`` when nothing arrived for ``heartbeat`` seconds (which is
+    also how a follower whose caller left finds out: the write fails), and ``lost_frame`` if the
+    record disappears before its end (the relay writing it died, or gave up on it).
+    """
+    quiet_since = time.monotonic()
+    while True:
+        chunk = store.read(stream_id, after, poll_seconds)
+        if chunk.frames:
+            after = chunk.last_seq
+            quiet_since = time.monotonic()
+            yield b"".join(chunk.frames)
+        if chunk.ended:
+            return
+        if not chunk.exists:
+            yield lost_frame
+            return
+        if time.monotonic() - quiet_since >= heartbeat:
+            quiet_since = time.monotonic()
+            yield ping

@@ -1,0 +1,281 @@
+"""Resumable answers: numbered events, a record that outlives the caller's connection, and resuming.
+
+Each test cuts a real connection to a real gunicorn relay part-way through an answer the socket-level
+fake upstream is still pacing out, resumes it with ``GET /api/streams/<id>``, and checks the text
+against what the upstream sent and that the upstream was called once. Records live in process
+memory, or in a real ``redis-server`` shared by two relays.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+
+from fake_upstream import sse_answer, stream_script
+
+RESUMABLE = {"X-Relay-Resumable": "1", "Accept": "text/event-stream", "Content-Type": "application/json"}
+TOKENS = [f"word{index} " for index in range(30)]
+UPSTREAM_TEXT = "".join(TOKENS)
+
+
+class Events:
+    """A caller's side of one SSE response: reads events one at a time, and can hang up mid-answer."""
+
+    def __init__(self, relay, method: str, path: str, body=None, headers=None):
+        self.conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
+        self.conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers or {})
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+        self.headers = {name.lower(): value for name, value in self.response.getheaders()}
+        self.raw = b""
+        self._pending = b""
+
+    def next(self) -> dict | None:
+        """The next event as {"id", "event", "data"}; None when the body ended."""
+        while True:
+            block, separator, rest = self._pending.partition(b"\n\n")
+            if separator:
+                self._pending = rest
+                event = _parse(block)
+                if event is not None:
+                    return event
+                continue
+            piece = self.response.read1(65536)
+            if not piece:
+                return None
+            self.raw += piece
+            self._pending += piece
+
+    def take(self, count: int) -> list[dict]:
+        return [self.next() for _ in range(count)]
+
+    def rest(self) -> list[dict]:
+        events = []
+        while (event := self.next()) is not None:
+            events.append(event)
+        return events
+
+    def hang_up(self) -> None:
+        self.conn.sock.close()
+        self.conn.close()
+
+
+def _parse(block: bytes) -> dict | None:
+    event = {"id": None, "event": "message", "data": None}
+    for line in block.decode().split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(": ")
+        event[field] = value
+    return event if event["data"] is not None else None
+
+
+def text_of(events: list[dict]) -> str:
+    return "".join(json.loads(event["data"])["content"] for event in events if event["event"] == "message")
+
+
+def start_answer(relay, model: str, headers=None) -> Events:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return Events(relay, "POST", "/api/stream_chat_completion", body, {**RESUMABLE, **(headers or {})})
+
+
+def resume(relay, stream_id: str, last_event_id: str | None, headers=None) -> Events:
+    headers = {"Accept": "text/event-stream", **(headers or {})}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return Events(relay, "GET", f"/api/streams/{stream_id}", headers=headers)
+
+
+def paced(upstream, delay=0.05, tokens=TOKENS) -> str:
+    return upstream.script(stream_script(sse_answer(tokens), delay=delay))
+
+
+def cut_after_tokens(relay, model: str, tokens: int, headers=None) -> tuple[str, list[dict]]:
+    """Start a resumable answer, read its meta and ``tokens`` tokens, then drop the connection."""
+    answer = start_answer(relay, model, headers)
+    assert answer.status == 200, answer.response.read()
+    seen = answer.take(1 + tokens)
+    answer.hang_up()
+    return answer.headers["x-relay-stream-id"], seen
+
+
+def assert_numbered(stream_id: str, events: list[dict], first: int) -> None:
+    assert [event["id"] for event in events] == [f"{stream_id}:{seq}" for seq in range(first, first + len(events))]
+
+
+@pytest.fixture(scope="module")
+def resuming_relay(relay_factory):
+    return relay_factory(RELAY_RESUME_SECONDS="30")
+
+
+@pytest.fixture(scope="module")
+def redis_relays(relay_factory, redis_url):
+    """Two relay instances (one worker each) sharing one Redis, as two VMs behind a balancer would."""
+    relays = [relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=redis_url) for _ in range(2)]
+    yield relays
+    for relay in relays:
+        relay.stop()
+
+
+# --- the numbered stream -----------------------------------------------------------------------------
+
+
+def test_resumable_answer_numbers_every_event_and_names_its_stream(resuming_relay, upstream):
+    answer = start_answer(resuming_relay, paced(upstream, delay=0, tokens=["a", "b"]))
+    events = answer.rest()
+    stream_id = answer.headers["x-relay-stream-id"]
+    assert [event["event"] for event in events] == ["meta", "message", "message", "done"]
+    assert_numbered(stream_id, events, first=1)
+    assert json.loads(events[0]["data"])["stream_id"] == stream_id
+    assert len(stream_id) == 22  # 128 random bits
+
+
+def test_answers_are_not_resumable_unless_asked_or_in_plain_text(resuming_relay, relay, upstream):
+    model = paced(upstream, delay=0, tokens=["a"])
+    plain_sse = resuming_relay.stream(model, sse=True)
+    assert b"id:" not in plain_sse.body and "x-relay-stream-id" not in plain_sse.headers
+    text = resuming_relay.stream(model, headers={"X-Relay-Resumable": "1"})
+    assert text.text == "a" and "x-relay-stream-id" not in text.headers
+    off = relay.stream(model, sse=True, headers={"X-Relay-Resumable": "1"})  # RELAY_RESUME_SECONDS unset
+    assert b"id:" not in off.body and "x-relay-stream-id" not in off.headers
+    assert relay.request("GET", "/api/streams/" + "A" * 22).json()["error"]["code"] == "stream_not_found"
+
+
+# --- resuming ------------------------------------------------------------------------------------------
+
+
+def test_cut_mid_answer_and_resume_on_the_same_relay(resuming_relay, upstream):
+    model = paced(upstream)
+    stream_id, seen = cut_after_tokens(resuming_relay, model, tokens=5)
+    time.sleep(0.3)  # the relay notices on its next write; the upstream must go on regardless
+    follower = resume(resuming_relay, stream_id, seen[-1]["id"])
+    assert follower.status == 200
+    assert follower.headers["x-relay-stream-id"] == stream_id
+    rest = follower.rest()
+    assert_numbered(stream_id, seen + rest, first=1)
+    assert rest[-1]["event"] == "done"
+    assert text_of(seen + rest) == UPSTREAM_TEXT
+    assert len(upstream.seen(model)) == 1
+    logged = resuming_relay.wait_access_line("/api/stream_chat_completion", stream_id=stream_id)
+    assert logged and logged[0]["outcome"] == "client_disconnect"
+
+
+def test_resume_on_another_relay_sharing_redis(redis_relays, upstream):
+    first, second = redis_relays
+    model = paced(upstream)
+    stream_id, seen = cut_after_tokens(first, model, tokens=4)
+    follower = resume(second, stream_id, seen[-1]["id"])
+    assert follower.status == 200
+    rest = follower.rest()
+    assert_numbered(stream_id, seen + rest, first=1)
+    assert rest[-1]["event"] == "done"
+    assert text_of(seen + rest) == UPSTREAM_TEXT
+    assert len(upstream.seen(model)) == 1
+    # Cut the follower too, and pick up again on the first relay: still no gap, no duplicate.
+    model = paced(upstream)
+    stream_id, seen = cut_after_tokens(first, model, tokens=3)
+    again = resume(second, stream_id, seen[-1]["id"])
+    more = again.take(4)
+    again.hang_up()
+    rest = resume(first, stream_id, more[-1]["id"]).rest()
+    assert_numbered(stream_id, seen + more + rest, first=1)
+    assert text_of(seen + more + rest) == UPSTREAM_TEXT
+    assert len(upstream.seen(model)) == 1
+
+
+def test_resume_after_the_upstream_finished_gets_the_whole_remainder(resuming_relay, redis_relays, upstream):
+    for writer, reader in ((resuming_relay, resuming_relay), (redis_relays[0], redis_relays[1])):
+        model = paced(upstream, delay=0.02)
+        stream_id, seen = cut_after_tokens(writer, model, tokens=2)
+        exchange = upstream.wait_seen(model)[0]
+        assert exchange.finished.wait(10)
+        assert exchange.closed_by_peer_at is None  # the relay read the answer to its end
+        rest = resume(reader, stream_id, seen[-1]["id"]).rest()
+        assert rest[-1]["event"] == "done" and json.loads(rest[-1]["data"])["finish_reason"] == "stop"
+        assert text_of(seen + rest) == UPSTREAM_TEXT
+        whole = resume(reader, stream_id, None).rest()  # no Last-Event-ID: from the start
+        assert_numbered(stream_id, whole, first=1)
+        assert whole[0]["event"] == "meta" and text_of(whole) == UPSTREAM_TEXT
+        assert len(upstream.seen(model)) == 1
+
+
+def test_a_failed_answer_resumes_to_its_error(resuming_relay, upstream):
+    events = sse_answer(TOKENS[:6], done=False)[:-1]  # cut off before its finish_reason
+    model = upstream.script(stream_script(events, delay=0.05))
+    stream_id, seen = cut_after_tokens(resuming_relay, model, tokens=2)
+    rest = resume(resuming_relay, stream_id, seen[-1]["id"]).rest()
+    assert rest[-1]["event"] == "error"
+    assert json.loads(rest[-1]["data"])["error"]["code"] == "upstream_error"
+    assert text_of(seen + rest) == "".join(TOKENS[:6])
+    assert_numbered(stream_id, seen + rest, first=1)
+
+
+# --- refusals --------------------------------------------------------------------------------------------
+
+
+def test_unknown_expired_garbage_and_foreign_resumes_are_refused(relay_factory, upstream):
+    relay = relay_factory(RELAY_RESUME_SECONDS="1", RELAY_ACCESS_TOKENS="token-a,token-b")
+    alice, bob = {"Authorization": "Bearer token-a"}, {"Authorization": "Bearer token-b"}
+    answer = start_answer(relay, paced(upstream, delay=0, tokens=["x"]), alice)
+    events = answer.rest()
+    stream_id = answer.headers["x-relay-stream-id"]
+
+    def refusal(last_event_id, headers, stream=stream_id):
+        follower = resume(relay, stream, last_event_id, headers)
+        if follower.status == 200:
+            return 200, text_of(follower.rest())
+        return follower.status, json.loads(follower.response.read())["error"]["code"]
+
+    assert refusal(None, bob) == (404, "stream_not_found")  # another caller's answer
+    assert refusal(None, alice) == (200, "x")
+    assert refusal(None, {}) == (401, "unauthorized")
+    assert refusal(events[0]["id"], alice, stream="B" * 22) == (404, "stream_not_found")  # unknown id
+    assert refusal(None, alice, stream="not-an-id") == (404, "stream_not_found")
+    for garbage in ("garbage", f"{stream_id}:", f"{stream_id}:-1", f"{'C' * 22}:1", f"{stream_id}:999"):
+        assert refusal(garbage, alice) == (400, "invalid_last_event_id"), garbage
+    query = Events(relay, "GET", f"/api/streams/{stream_id}?last_event_id={stream_id}:2", headers=alice)
+    assert text_of(query.rest()) == ""  # the query form (for EventSource) works too: only `done` is left
+    time.sleep(1.5)  # past RELAY_RESUME_SECONDS after the end
+    assert refusal(None, alice) == (404, "stream_not_found")
+
+
+# --- the upstream's lifetime ---------------------------------------------------------------------------
+
+
+def test_nobody_resumes_then_the_upstream_is_closed_after_the_window(relay_factory, upstream):
+    relay = relay_factory(RELAY_RESUME_SECONDS="2")
+    model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))  # 15 s of answer
+    stream_id, seen = cut_after_tokens(relay, model, tokens=2)
+    cut_at = time.monotonic()
+    exchange = upstream.wait_seen(model)[0]
+    assert not exchange.finished.wait(1.5), "the upstream was closed although the answer was resumable"
+    assert exchange.finished.wait(5), "nobody resumed, yet the upstream call went on"
+    assert exchange.closed_by_peer_at is not None
+    assert exchange.closed_by_peer_at - cut_at < 2 + 2.5  # the window, then the usual 2 s promise
+    follower = resume(relay, stream_id, seen[-1]["id"])
+    assert follower.status == 404
+
+
+def test_a_follower_keeps_the_answer_going_past_the_window(relay_factory, upstream):
+    relay = relay_factory(RELAY_RESUME_SECONDS="1")
+    model = paced(upstream, delay=0.12)  # 3.6 s of answer: three windows
+    stream_id, seen = cut_after_tokens(relay, model, tokens=2)
+    time.sleep(0.5)
+    rest = resume(relay, stream_id, seen[-1]["id"]).rest()
+    assert rest[-1]["event"] == "done"
+    assert text_of(seen + rest) == UPSTREAM_TEXT
+    assert upstream.seen(model)[0].closed_by_peer_at is None
+
+
+def test_a_resumable_relay_still_closes_other_answers_within_two_seconds(resuming_relay, upstream):
+    model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))
+    answer = start_answer(resuming_relay, model, {"X-Relay-Resumable": "0"})
+    answer.take(3)
+    answer.hang_up()
+    cut_at = time.monotonic()
+    exchange = upstream.wait_seen(model)[0]
+    assert exchange.finished.wait(5)
+    assert exchange.closed_by_peer_at is not None and exchange.closed_by_peer_at - cut_at < 2.0
