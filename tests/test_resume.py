@@ -279,3 +279,21 @@ def test_a_resumable_relay_still_closes_other_answers_within_two_seconds(resumin
     exchange = upstream.wait_seen(model)[0]
     assert exchange.finished.wait(5)
     assert exchange.closed_by_peer_at is not None and exchange.closed_by_peer_at - cut_at < 2.0
+
+
+def test_an_answer_left_running_when_its_relay_stops_records_that_it_failed(relay_factory, redis_url, upstream):
+    stopping, staying = (relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=redis_url) for _ in range(2))
+    try:
+        model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))
+        stream_id, seen = cut_after_tokens(stopping, model, tokens=2)
+        time.sleep(0.5)  # the relay has seen its caller go and detached the answer
+        stopping.stop()  # SIGTERM: nobody reads that answer, so the worker does not wait for it
+        rest = resume(staying, stream_id, seen[-1]["id"]).rest()
+        assert rest[-1]["event"] == "error"
+        assert json.loads(rest[-1]["data"])["error"]["code"] == "shutting_down"
+        assert_numbered(stream_id, seen + rest, first=1)
+        text = text_of(seen + rest)
+        assert "".join(TOKENS * 5).startswith(text) and len(text) > len(text_of(seen))  # no gap before the cut
+    finally:
+        stopping.stop()
+        staying.stop()
