@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source ./scripts/venv.sh
 ensure_venv requirements.txt
-RELAY_DEMO=1 exec .venv/bin/gunicorn -c gunicorn.conf.py app:app
+# Answers survive a dropped connection (see "Resumable answers" in the README); one worker then.
+RELAY_DEMO=1 RELAY_RESUME_SECONDS="${RELAY_RESUME_SECONDS:-60}" exec .venv/bin/gunicorn -c gunicorn.conf.py app:app
