@@ -28,7 +28,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import metrics
 from errors import RelayError
 from guards import GUARDED_PREFIXES, Guards, is_guarded
-from resume import STREAM_ID, MemoryResumeStore, RedisResumeStore, StreamRecording, follow, parse_last_event_id
+from resume import (
+    STREAM_ID,
+    MemoryResumeStore,
+    RecordInfo,
+    RedisResumeStore,
+    StreamRecording,
+    follow,
+    parse_last_event_id,
+)
 from settings import Settings, SettingsError, load_settings
 from streaming import (
     PING,
@@ -191,6 +199,13 @@ def _register(app: Flask, settings: Settings) -> None:
     @app.get("/api/streams/<stream_id>")
     def resume_stream(stream_id: str):
         return _follow_stream(relay, stream_id)
+
+    @app.delete("/api/streams/<stream_id>")
+    def cancel_stream(stream_id: str):
+        """The caller gave up on its answer (Stop): its upstream call ends now, not after the window."""
+        _owned_record(relay, stream_id)
+        relay.resume_store.cancel(stream_id)
+        return Response(status=204)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
@@ -374,16 +389,23 @@ def _start_recording(relay: _Relay) -> StreamRecording | None:
     return StreamRecording(store, stream_id, relay.settings.resume_seconds)
 
 
-def _follow_stream(relay: _Relay, stream_id: str) -> Response:
-    """Replay a resumable answer after the caller's Last-Event-ID, then follow it live to its end."""
-    store, settings = relay.resume_store, relay.settings
+def _owned_record(relay: _Relay, stream_id: str) -> RecordInfo:
+    """The caller's own resumable answer, or 404: another caller's looks exactly like an unknown one."""
+    store = relay.resume_store
     not_found = RelayError(404, "stream_not_found", "No resumable answer with this id (it may have expired).")
     if store is None or not STREAM_ID.match(stream_id):
         raise not_found
     g.log["stream_id"] = stream_id
     info = store.info(stream_id)
     if info is None or (info.owner and info.owner != relay.guards.owner()):
-        raise not_found  # another caller's answer looks exactly like an unknown one
+        raise not_found
+    return info
+
+
+def _follow_stream(relay: _Relay, stream_id: str) -> Response:
+    """Replay a resumable answer after the caller's Last-Event-ID, then follow it live to its end."""
+    store, settings = relay.resume_store, relay.settings
+    info = _owned_record(relay, stream_id)
     given = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     after = parse_last_event_id(given, stream_id)
     if after is None:

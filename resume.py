@@ -99,9 +99,15 @@ class MemoryResumeStore:
         frames = record.frames[after:]
         return Chunk(frames, after + len(frames), record.ended, True)
 
-    def follower_seen(self, stream_id: str) -> float | None:
+    def status(self, stream_id: str) -> tuple[float | None, bool]:
+        """When a follower last read the answer (wall clock), and whether it is to stop."""
         record = self._records.get(stream_id)
-        return None if record is None else record.seen
+        return (None, True) if record is None else (record.seen, record.cancelled)
+
+    def cancel(self, stream_id: str) -> None:
+        record = self._records.get(stream_id)
+        if record is not None:
+            record.cancelled = True
 
     def discard(self, stream_id: str) -> None:
         record = self._records.pop(stream_id, None)
@@ -125,7 +131,7 @@ class MemoryResumeStore:
 
 
 class _MemoryRecord:
-    __slots__ = ("owner", "frames", "ended", "expires_at", "changed", "seen")
+    __slots__ = ("owner", "frames", "ended", "expires_at", "changed", "seen", "cancelled")
 
     def __init__(self, owner: str, expires_at: float):
         self.owner = owner
@@ -134,6 +140,7 @@ class _MemoryRecord:
         self.expires_at = expires_at
         self.changed = gevent.event.Event()  # set, and replaced, whenever frames arrive
         self.seen: float | None = None  # wall-clock time a follower last read
+        self.cancelled = False
 
 
 class RedisResumeStore:
@@ -142,7 +149,12 @@ class RedisResumeStore:
     Entry ids are ``0-<seq>``, so "the events after seq N" is Redis's own ``XREAD ... 0-N``; the
     last entry of a finished answer carries an ``end`` field. The owner and when a follower last
     read live in a hash beside it. Both keys expire: ``RELAY_RESUME_SECONDS`` after the end, or a
-    while after the last append if the writing relay died. One round-trip per upstream read.
+    while after the last append if the writing relay died.
+
+    Appends are group-committed: one greenlet per worker sends everything the worker's answers
+    appended meanwhile as one pipeline, and each ``append`` returns once its events are stored. So a
+    caller never receives an event before it is in the record, and under load one round-trip
+    carries the events of many answers.
     """
 
     def __init__(self, url: str, linger_seconds: float, live_seconds: float):
@@ -150,6 +162,9 @@ class RedisResumeStore:
         self._linger = max(1, round(linger_seconds))
         self._live = max(1, round(live_seconds))
         self._seqs: dict[str, int] = {}  # the next sequence number of each answer this process writes
+        self._renewed: dict[str, float] = {}  # when each answer's keys last had their expiry pushed back
+        self._batch = _Batch()
+        self._committer = None
 
     @staticmethod
     def _keys(stream_id: str) -> tuple[str, str]:
@@ -165,29 +180,53 @@ class RedisResumeStore:
             log.warning("Redis unavailable: this answer is not resumable")
             return None
         self._seqs[stream_id] = 1
+        self._renewed[stream_id] = 0.0
         return stream_id
 
     def append(self, stream_id: str, frames: list[bytes], end: bool) -> None:
         seq = self._seqs.get(stream_id)
-        if seq is None or not (frames or end):
+        if seq is None or not frames:
             return
         events, info = self._keys(stream_id)
-        ttl = self._linger if end else self._live
-        try:
-            with self._redis.pipeline(transaction=False) as pipe:
-                for index, frame in enumerate(frames):
-                    fields = {"f": frame, "end": b"1"} if end and index == len(frames) - 1 else {"f": frame}
-                    pipe.xadd(events, fields, id=f"0-{seq + index}")
-                pipe.expire(events, ttl)
-                pipe.expire(info, ttl)
-                pipe.execute()
-        except redis.RedisError:
-            log.warning("Redis unavailable: stopped recording a resumable answer")
-            self._seqs.pop(stream_id, None)
-            return
+        commands = self._batch.commands
+        for index, frame in enumerate(frames):
+            if end and index == len(frames) - 1:
+                commands.append(("XADD", events, f"0-{seq + index}", "f", frame, "end", "1"))
+            else:
+                commands.append(("XADD", events, f"0-{seq + index}", "f", frame))
+        now = time.monotonic()
+        if end or now - self._renewed[stream_id] > self._live / 4:  # not every event: an answer lasts minutes
+            self._renewed[stream_id] = now
+            ttl = self._linger if end else self._live
+            commands += [("EXPIRE", events, ttl), ("EXPIRE", info, ttl)]
         self._seqs[stream_id] = seq + len(frames)
         if end:
-            self._seqs.pop(stream_id, None)
+            self._forget(stream_id)
+        batch = self._batch
+        if self._committer is None or self._committer.dead:
+            self._committer = gevent.spawn(self._commit_forever)
+        batch.done.wait()
+        if not batch.stored:
+            log.warning("Redis unavailable: stopped recording a resumable answer")
+            self._forget(stream_id)
+
+    def _commit_forever(self) -> None:
+        while self._batch.commands:
+            batch, self._batch = self._batch, _Batch()
+            try:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for command in batch.commands:
+                        pipe.execute_command(*command)
+                    pipe.execute()
+                batch.stored = True
+            except redis.RedisError:
+                pass
+            finally:
+                batch.done.set()
+
+    def _forget(self, stream_id: str) -> None:
+        self._seqs.pop(stream_id, None)
+        self._renewed.pop(stream_id, None)
 
     def info(self, stream_id: str) -> RecordInfo | None:
         events, info = self._keys(stream_id)
@@ -217,20 +256,41 @@ class RedisResumeStore:
         ended = bool(entries) and b"end" in entries[-1][1]
         return Chunk(frames, _seq_of(entries[-1][0]) if entries else after, ended, exists)
 
-    def follower_seen(self, stream_id: str) -> float | None:
+    def status(self, stream_id: str) -> tuple[float | None, bool]:
+        """When a follower last read the answer (wall clock), and whether it is to stop."""
         _, info = self._keys(stream_id)
         try:
-            seen = self._redis.hget(info, "seen")
+            owner, seen, cancelled = self._redis.hmget(info, ["owner", "seen", "cancelled"])
         except redis.RedisError:
-            return time.time()  # cannot tell: keep the answer going rather than cancel it
-        return float(seen) if seen else None
+            return time.time(), False  # cannot tell: keep the answer going rather than cancel it
+        if owner is None:
+            return None, True  # the record is gone (expired, or discarded by another relay)
+        return (float(seen) if seen else None), bool(cancelled)
+
+    def cancel(self, stream_id: str) -> None:
+        _, info = self._keys(stream_id)
+        try:
+            self._redis.hset(info, "cancelled", 1)
+        except redis.RedisError:
+            log.warning("Redis unavailable: could not cancel a resumable answer")
 
     def discard(self, stream_id: str) -> None:
-        self._seqs.pop(stream_id, None)
+        self._forget(stream_id)
         try:
             self._redis.delete(*self._keys(stream_id))
         except redis.RedisError:
             pass  # the keys expire by themselves
+
+
+class _Batch:
+    """Commands waiting for the next pipeline, and how the ones already sent went."""
+
+    __slots__ = ("commands", "done", "stored")
+
+    def __init__(self):
+        self.commands: list[tuple] = []
+        self.done = gevent.event.Event()
+        self.stored = False
 
 
 def _seq_of(entry_id: bytes) -> int:
@@ -248,8 +308,8 @@ class StreamRecording:
     def append(self, frames: list[bytes], end: bool = False) -> None:
         self.store.append(self.stream_id, frames, end)
 
-    def follower_seen(self) -> float | None:
-        return self.store.follower_seen(self.stream_id)
+    def status(self) -> tuple[float | None, bool]:
+        return self.store.status(self.stream_id)
 
     def discard(self) -> None:
         self.store.discard(self.stream_id)

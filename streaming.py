@@ -777,7 +777,7 @@ class RelayStream:
         self._ending = False  # the reader is recording and queueing the answer's end: leave it be
         self._waiting_since: float | None = None  # when the caller's side started waiting, if it is
         self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
-        self._detached_at: float | None = None  # when a resumable answer's caller left
+        self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False
         self._on_retired: Callable[[], None] | None = None
         self._reader = gevent.spawn(self._read, open_upstream)
@@ -885,7 +885,7 @@ class RelayStream:
             self._reading_since = None
             self._reader.kill(_UpstreamSilent(), block=False)
         if self.detached:
-            if now - self._detached_at >= self._recording.linger_seconds and not self._checking_followers:
+            if not self._checking_followers:
                 self._checking_followers = True
                 gevent.spawn(self._stop_unless_followed)
             return
@@ -908,16 +908,13 @@ class RelayStream:
             self._reader.kill(_Stop(error), block=False)
 
     def _stop_unless_followed(self) -> None:
-        """A detached answer's grace is over: go on only if a follower read it within the grace."""
+        """Stop a detached answer that was cancelled, or that no follower read within the grace."""
         try:
-            seen = self._recording.follower_seen()
-            quiet = time.time() - seen if seen is not None else float("inf")
-            if quiet < self._recording.linger_seconds:
-                self._detached_at = time.monotonic() - quiet
-                return
-            self.outcome = "client_disconnect"
-            self._reader.kill(block=True, timeout=2)
-            self._recording.discard()
+            seen, cancelled = self._recording.status()
+            quiet = time.time() - max(self._detached_at, seen or 0.0)
+            if cancelled or quiet >= self._recording.linger_seconds:
+                self._reader.kill(block=True, timeout=2)
+                self._recording.discard()
         finally:
             self._checking_followers = False
 
@@ -991,7 +988,7 @@ class RelayStream:
         if self._recording is None or self._reader.dead:
             return False
         self._on_retired = on_retired
-        self._detached_at = time.monotonic()
+        self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)
         while not self._queue.empty():  # frees a reader waiting for room on a full queue
             self._queue.get_nowait()
         return True

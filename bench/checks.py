@@ -76,6 +76,12 @@ def relay_event_contents(body: bytes, complete: bool) -> list[bytes]:
     blocks = body.split(b"\n\n")
     blocks.pop()  # what follows the last blank line: nothing, or an event cut short
     blocks = [block for block in blocks if not block.startswith(b":")]  # heartbeats
+    if blocks and blocks[0].startswith(b"id: "):  # a resumable answer: every event numbered 1, 2, 3...
+        ids = [block.split(b"\n", 1)[0] for block in blocks]
+        stream_id = ids[0][4:].rpartition(b":")[0]
+        if ids != [b"id: %s:%d" % (stream_id, seq) for seq in range(1, len(blocks) + 1)]:
+            raise FramingError("event ids are not the stream's 1, 2, 3...")
+        blocks = [block.split(b"\n", 1)[1] for block in blocks]
     if not blocks or not blocks[0].startswith(b"event: meta\n"):
         raise FramingError("the first event is not meta")
     if complete:

@@ -32,12 +32,13 @@ class Target:
     fmt: str  # "events": the upstream's event stream; "text": plain tokens; "sse": the relay's events
     accept: str = "*/*"
     include_usage: bool = False  # what the upstream is asked: the token endpoint always asks for usage
+    extra_headers: str = ""  # more header lines, each ending in CRLF
 
     def request(self, spec: StreamSpec) -> bytes:
         body = request_body(spec)
         head = (
             f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Accept: {self.accept}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Accept: {self.accept}\r\n{self.extra_headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         return head.encode() + body
 

@@ -123,7 +123,25 @@ class Services:
         _wait_ready(service, "/healthz")  # proxied: the fake upstream's 404 proves the path works
         return service
 
-    def relay(self, upstream_port: int, worker_connections: int, workers: int, source: Path = ROOT) -> Service:
+    def redis(self) -> Service:
+        port = free_port()
+        argv = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self._fresh_dir("redis"))]  # fmt: skip
+        service = self._spawn("redis", argv, port=port)
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return service
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start:\n{service.log_tail()}")
+
+    def relay(
+        self, upstream_port: int, worker_connections: int, workers: int, source: Path = ROOT, extra_env=None
+    ) -> Service:
         """gunicorn serving the relay whose files are in ``source`` (another checkout, for an A/B)."""
         port = free_port()
         env = {
@@ -138,6 +156,7 @@ class Services:
             "RELAY_READ_TIMEOUT": "300",  # the slow scenario's streams are silent for a second at a time
             "RELAY_GRACEFUL_TIMEOUT": "2",  # stopping between scenarios should not wait on stragglers
             "PROMETHEUS_MULTIPROC_DIR": str(self._fresh_dir("relay-metrics")),  # removed with the work folder
+            **(extra_env or {}),
         }
         argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
         service = self._spawn("relay", argv, env=env, port=port, cwd=source)

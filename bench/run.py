@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import report
 from bench.processes import ROOT, Service, Services
 from bench.relay_source import snapshot
-from bench.scenarios import RELAY_FORMATS, Scenario, measure, scenarios, target_for
+from bench.scenarios import RELAY_FORMATS, RESUME_FORMATS, Scenario, measure, scenarios, target_for
 from bench.upstream import raise_open_file_limit
 
 RESULTS = ROOT / "bench" / "results"
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--quick", action="store_true", help="smaller scenarios, one repetition (about 2 minutes)")
     add("--repetitions", type=int, help="runs of every scenario (default 3; 1 with --quick)")
     add("--scenarios", help="comma-separated subset, e.g. chat-100,firehose-50")
-    add("--relay-formats", help=f"comma-separated subset of {','.join(RELAY_FORMATS)}")
+    add("--relay-formats", help=f"comma-separated subset of {','.join(RELAY_FORMATS + RESUME_FORMATS)}")
     add("--relay-dir", type=Path, default=ROOT, help="the relay checkout to measure (default: this one)")
     add("--relay-ref", help="measure this commit of --relay-dir (default: its working tree as the run starts)")
     add("--workers", type=int, default=2, help="the relay's WEB_CONCURRENCY (default 2)")
@@ -106,20 +106,28 @@ class Bench:
     nginx: Service
     relay_copy: Path
     args: argparse.Namespace
+    redis: Service | None = None  # started for the first relay-resume-redis run
 
     def measure_target(self, scenario: Scenario, name: str, repetition: int) -> dict:
-        relay = None
+        relay = redis = None
         if name == "direct":
             service = None
         elif name == "nginx":
             service = self.nginx
         else:
-            args = self.args
-            relay = self.services.relay(self.upstream.port, args.worker_connections, args.workers, self.relay_copy)
+            args, env = self.args, None
+            if name in RESUME_FORMATS:
+                env = {"RELAY_RESUME_SECONDS": "60"}  # without Redis, gunicorn runs one worker
+            if name == "relay-resume-redis":
+                if self.redis is None:
+                    self.redis = self.services.redis()
+                redis = self.redis
+                env["REDIS_URL"] = f"redis://127.0.0.1:{redis.port}/0"
+            relay = self.services.relay(self.upstream.port, args.worker_connections, args.workers, self.relay_copy, env)
             service = relay
         port = service.port if service else self.upstream.port
         try:
-            return measure(scenario, target_for(name, port), service, self.upstream, repetition)
+            return measure(scenario, target_for(name, port), service, self.upstream, repetition, redis)
         except RuntimeError as exc:
             return {"failed": str(exc)}
         finally:
@@ -127,12 +135,13 @@ class Bench:
                 self.services.stop(relay)
 
     def repetition(self, chosen: list[Scenario], repetition: int) -> dict:
-        formats = set(self.args.relay_formats.split(",")) if self.args.relay_formats else set(RELAY_FORMATS)
+        every = RELAY_FORMATS + RESUME_FORMATS
+        formats = set(self.args.relay_formats.split(",")) if self.args.relay_formats else set(every)
         figures: dict = {}
         for scenario in chosen:
             figures[scenario.name] = {}
             for name in scenario.targets:
-                if name in RELAY_FORMATS and name not in formats:
+                if name in every and name not in formats:
                     continue
                 result = self.measure_target(scenario, name, repetition)
                 figures[scenario.name][name] = result

@@ -21,6 +21,8 @@ from bench.procstats import cpu_seconds, pss_kib
 
 FLOORS = ("direct", "nginx")
 RELAY_FORMATS = ("relay-text", "relay-sse", "relay-v1")
+# relay-sse again, every answer resumable (X-Relay-Resumable: 1): the cost of recording its events
+RESUME_FORMATS = ("relay-resume-memory", "relay-resume-redis")
 DEADLINE_SLACK_SECONDS = 60
 WARM_UP_STREAMS = 20
 # /proc counts CPU in 10 ms ticks and a heap grows in steps: below these, a per-token or per-stream
@@ -72,14 +74,14 @@ def scenarios(quick: bool) -> list[Scenario]:
     if quick:
         return [
             Scenario("chat-1", 1, 100, 200, 20, concurrency=1),
-            Scenario("chat-100", 100, 100, 200, 20),
+            Scenario("chat-100", 100, 100, 200, 20, relay_formats=RELAY_FORMATS + RESUME_FORMATS),
             Scenario("chat-1000", 1000, 100, 200, 20),
             Scenario("firehose-50", 50, 1000, 0, 0),
             Scenario("slow-2000", 2000, 8, 200, 1000, opens_per_second=1000, relay_formats=("relay-text",)),
         ]
     return [
         Scenario("chat-1", 2, 100, 200, 20, concurrency=1),
-        Scenario("chat-100", 100, 100, 200, 20),
+        Scenario("chat-100", 100, 100, 200, 20, relay_formats=RELAY_FORMATS + RESUME_FORMATS),
         Scenario("chat-1000", 1000, 100, 200, 20),
         Scenario("firehose-50", 50, 5000, 0, 0),
         # 10,000 open at once: opened over 10 s, each answer lasts 14 s, so all are open from 10 s to 14 s
@@ -96,6 +98,11 @@ def target_for(name: str, port: int) -> Target:
         return Target(name, port, "/api/stream_chat_completion", "sse", accept="text/event-stream", include_usage=True)
     if name == "relay-v1":
         return Target(name, port, "/v1/chat/completions", "events")
+    if name in RESUME_FORMATS:
+        return Target(
+            name, port, "/api/stream_chat_completion", "sse", accept="text/event-stream", include_usage=True,
+            extra_headers="X-Relay-Resumable: 1\r\n",
+        )  # fmt: skip
     raise ValueError(f"unknown target {name!r}")
 
 
@@ -155,18 +162,25 @@ class _MemorySampler:
         return round((self.peak_kib - self.baseline) / self.peak_open, 2)
 
 
-def measure(scenario: Scenario, target: Target, service: Service | None, upstream: Service, repetition: int) -> dict:
-    """Run ``scenario`` once against ``target`` (served by ``service``; None for the upstream itself)."""
+def measure(
+    scenario: Scenario, target: Target, service: Service | None, upstream: Service, repetition: int,
+    redis: Service | None = None,
+) -> dict:
+    """Run ``scenario`` once against ``target`` (served by ``service``; None for the upstream itself).
+
+    With ``redis``, the Redis server's CPU per token is reported too (``redis_cpu_us_per_token``).
+    """
     warm_up(target)
     workers = service.workers() if service else []
     tree = service.tree() if service else []
     sampler = _MemorySampler(workers) if workers else None
     upstream_stats(upstream)
-    before = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]))
+    redis_pids = [redis.proc.pid] if redis else []
+    before = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]), cpu_seconds(redis_pids))
     started = time.monotonic()
     records, open_peak = run_streams(target, scenario.plan(repetition), sampler)
     seconds = time.monotonic() - started
-    after = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]))
+    after = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]), cpu_seconds(redis_pids))
     stats = upstream_stats(upstream)
     result = _judge(records, target, scenario, seconds)
     per_token = [_per_token(end - start, result["tokens"]) for start, end in zip(before, after)]
@@ -174,6 +188,7 @@ def measure(scenario: Scenario, target: Target, service: Service | None, upstrea
         cpu_us_per_token=per_token[0] if service else None,
         upstream_cpu_us_per_token=per_token[1],
         loadgen_cpu_us_per_token=per_token[2],
+        redis_cpu_us_per_token=per_token[3] if redis else None,
         mem_kib_per_stream=sampler.per_stream_kib if sampler else None,
         mem_baseline_kib=sampler.baseline if sampler else None,
         open_streams_peak=open_peak,

@@ -58,8 +58,10 @@ async function ask() {
     const tokens = streamChatCompletion(requestBody([...messages, asked]), {
       signal: answering.signal,
       token: tokenBox.value || undefined,
+      onReconnect: () => showReconnecting(answer),
     });
     for await (const token of tokens) {
+      clearReconnecting(answer);
       const follow = isScrolledToEnd();  // only follow the answer if the reader has not scrolled up
       answer.text.appendData(token);
       if (follow) scrollToEnd();
@@ -67,6 +69,7 @@ async function ask() {
   } catch (error) {
     showFailure(answer, error);
   } finally {
+    clearReconnecting(answer);
     remember(asked, answer.text.data, question);
     setAnswering(answer, false);
     answering = null;
@@ -99,6 +102,19 @@ function addMessage(role) {
   conversation.append(element);
   scrollToEnd();
   return {element, text};
+}
+
+/** The connection dropped and relay-client.js is resuming the answer: say so until tokens flow again. */
+function showReconnecting(answer) {
+  if (answer.element.querySelector(".note.reconnecting")) return;  // one note for all the tries
+  const note = document.createElement("p");
+  note.className = "note reconnecting";
+  note.textContent = "Connection lost — resuming…";
+  answer.element.append(note);
+}
+
+function clearReconnecting(answer) {
+  answer.element.querySelector(".note.reconnecting")?.remove();
 }
 
 function showFailure(answer, error) {

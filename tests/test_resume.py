@@ -230,6 +230,7 @@ def test_unknown_expired_garbage_and_foreign_resumes_are_refused(relay_factory, 
         return follower.status, json.loads(follower.response.read())["error"]["code"]
 
     assert refusal(None, bob) == (404, "stream_not_found")  # another caller's answer
+    assert relay.request("DELETE", f"/api/streams/{stream_id}", headers=bob).status == 404
     assert refusal(None, alice) == (200, "x")
     assert refusal(None, {}) == (401, "unauthorized")
     assert refusal(events[0]["id"], alice, stream="B" * 22) == (404, "stream_not_found")  # unknown id
@@ -297,3 +298,17 @@ def test_an_answer_left_running_when_its_relay_stops_records_that_it_failed(rela
     finally:
         stopping.stop()
         staying.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_cancelling_a_left_answer_closes_its_upstream_at_once(store, resuming_relay, redis_relays, upstream):
+    writer, canceller = (resuming_relay, resuming_relay) if store == "memory" else redis_relays
+    model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))  # 15 s of answer
+    stream_id, seen = cut_after_tokens(writer, model, tokens=2)
+    cancelled = canceller.request("DELETE", f"/api/streams/{stream_id}")
+    cancelled_at = time.monotonic()
+    assert cancelled.status == 204
+    exchange = upstream.wait_seen(model)[0]
+    assert exchange.finished.wait(5)
+    assert exchange.closed_by_peer_at is not None and exchange.closed_by_peer_at - cancelled_at < 2.0
+    assert resume(canceller, stream_id, seen[-1]["id"]).status == 404
