@@ -25,6 +25,7 @@ from errors import RelayError
 from settings import Settings
 
 GUARDED_PREFIXES = ("/api/", "/v1/")
+RESUME_PREFIX = "/api/streams/"
 STREAM_SLOT_SECONDS = 60  # a stream's claim on its caller's cap expires unless refreshed (a dead worker's do)
 STREAM_RETRY_AFTER = 5
 
@@ -50,7 +51,8 @@ class Guards:
             key_func=self.caller,
             app=app,
             default_limits=[settings.rate_limit] if settings.rate_limit else [],
-            default_limits_exempt_when=lambda: not is_guarded(),
+            # a resume or cancel calls no upstream: a flaky network must not spend the caller's budget
+            default_limits_exempt_when=lambda: not is_guarded() or request.path.startswith(RESUME_PREFIX),
             storage_uri=settings.redis_url or "memory://",
             strategy="moving-window",
             swallow_errors=True,  # Redis down: serve unlimited rather than fail every request

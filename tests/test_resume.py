@@ -312,3 +312,15 @@ def test_cancelling_a_left_answer_closes_its_upstream_at_once(store, resuming_re
     assert exchange.finished.wait(5)
     assert exchange.closed_by_peer_at is not None and exchange.closed_by_peer_at - cancelled_at < 2.0
     assert resume(canceller, stream_id, seen[-1]["id"]).status == 404
+
+
+def test_resuming_and_cancelling_do_not_spend_the_rate_limit(relay_factory, upstream):
+    relay = relay_factory(RELAY_RESUME_SECONDS="30", RELAY_RATE_LIMIT="2/minute")
+    answer = start_answer(relay, paced(upstream, delay=0, tokens=["x"]))
+    stream_id = answer.headers["x-relay-stream-id"]
+    answer.rest()
+    for _ in range(3):
+        assert text_of(resume(relay, stream_id, None).rest()) == "x"
+    assert relay.request("DELETE", f"/api/streams/{stream_id}").status == 204
+    assert relay.stream(paced(upstream, delay=0, tokens=["y"])).status == 200  # the second of two
+    assert relay.stream(paced(upstream, delay=0, tokens=["z"])).status == 429
