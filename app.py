@@ -33,6 +33,7 @@ from resume import (
     MemoryResumeStore,
     RecordInfo,
     RedisResumeStore,
+    StoreUnavailable,
     StreamRecording,
     follow,
     parse_last_event_id,
@@ -329,7 +330,12 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
     settings, guards, fields = relay.settings, relay.guards, g.log
     client_socket = request.environ.get("gunicorn.socket")
     client_gone = (lambda: client_socket_closed(client_socket)) if client_socket is not None else (lambda: False)
-    slot = guards.acquire_stream(fields["caller"])
+    try:
+        slot = guards.acquire_stream(fields["caller"])
+    except RelayError:
+        if recording is not None:
+            recording.discard()
+        raise
     metrics.ACTIVE_STREAMS.inc()
     stream = RelayStream(
         lambda: relay.upstream.open_stream("/chat/completions", payload),
@@ -396,7 +402,10 @@ def _owned_record(relay: _Relay, stream_id: str) -> RecordInfo:
     if store is None or not STREAM_ID.match(stream_id):
         raise not_found
     g.log["stream_id"] = stream_id
-    info = store.info(stream_id)
+    try:
+        info = store.info(stream_id)
+    except StoreUnavailable:
+        raise RelayError(503, "resume_unavailable", "Resumable answers are unreachable right now; try again.", retry_after=1) from None
     if info is None or (info.owner and info.owner != relay.guards.owner()):
         raise not_found
     return info

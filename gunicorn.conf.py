@@ -109,10 +109,10 @@ def post_request(worker, req, environ, resp):
 
 
 def worker_exit(server, worker):
-    """Give answers that nobody is reading (their caller left) a moment to record how they ended."""
+    """Answers whose caller left (resumable ones) get the same grace as open requests, then end recorded."""
     import streaming
 
-    streaming.wait_for_detached(timeout=2.0)
+    streaming.wait_for_detached()
 
 
 def child_exit(server, worker):

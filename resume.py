@@ -165,6 +165,7 @@ class RedisResumeStore:
         self._renewed: dict[str, float] = {}  # when each answer's keys last had their expiry pushed back
         self._batch = _Batch()
         self._committer = None
+        self._touch = self._redis.register_script(_TOUCH)
 
     @staticmethod
     def _keys(stream_id: str) -> tuple[str, str]:
@@ -174,8 +175,10 @@ class RedisResumeStore:
         stream_id = new_stream_id()
         _, info = self._keys(stream_id)
         try:
-            self._redis.hset(info, mapping={"owner": owner})
-            self._redis.expire(info, self._live)
+            with self._redis.pipeline(transaction=True) as pipe:  # never a key without its expiry
+                pipe.hset(info, mapping={"owner": owner})
+                pipe.expire(info, self._live)
+                pipe.execute()
         except redis.RedisError:
             log.warning("Redis unavailable: this answer is not resumable")
             return None
@@ -199,6 +202,8 @@ class RedisResumeStore:
             self._renewed[stream_id] = now
             ttl = self._linger if end else self._live
             commands += [("EXPIRE", events, ttl), ("EXPIRE", info, ttl)]
+        if end:
+            commands.append(("HSET", info, "ended", 1))
         self._seqs[stream_id] = seq + len(frames)
         if end:
             self._forget(stream_id)
@@ -220,7 +225,9 @@ class RedisResumeStore:
                     pipe.execute()
                 batch.stored = True
             except redis.RedisError:
-                pass
+                pass  # each waiting answer stops recording; the keys expire by themselves
+            except Exception:
+                log.exception("recording resumable answers failed")
             finally:
                 batch.done.set()
 
@@ -237,7 +244,7 @@ class RedisResumeStore:
                 owner, last = pipe.execute()
         except redis.RedisError:
             log.warning("Redis unavailable: cannot resume an answer")
-            return None
+            raise StoreUnavailable() from None
         if owner is None:
             return None
         return RecordInfo(owner.decode(), _seq_of(last[0][0]) if last else 0)
@@ -245,16 +252,20 @@ class RedisResumeStore:
     def read(self, stream_id: str, after: int, wait: float) -> Chunk:
         events, info = self._keys(stream_id)
         try:
-            self._redis.hset(info, "seen", time.time())
-            reply = self._redis.xread({events: f"0-{after}"}, block=max(1, int(min(wait, REDIS_BLOCK_SECONDS) * 1000)))
-            entries = reply[0][1] if reply else []
-            exists = bool(entries) or bool(self._redis.exists(info))
+            exists, ended = self._touch(keys=[info], args=["seen", time.time()])
+            if not exists:
+                return Chunk([], after, False, False)
+            # An ended answer's events are all there: wait for nothing (the caller may have them all).
+            block = None if ended else max(1, int(min(wait, REDIS_BLOCK_SECONDS) * 1000))
+            reply = self._redis.xread({events: f"0-{after}"}, block=block)
         except redis.RedisError:
             log.warning("Redis unavailable while following a resumed answer")
+            gevent.sleep(wait)
             return Chunk([], after, False, True)  # try again: the record may still be there
+        entries = reply[0][1] if reply else []
         frames = [fields[b"f"] for _, fields in entries]
-        ended = bool(entries) and b"end" in entries[-1][1]
-        return Chunk(frames, _seq_of(entries[-1][0]) if entries else after, ended, exists)
+        ended = bool(ended) or (bool(entries) and b"end" in entries[-1][1])
+        return Chunk(frames, _seq_of(entries[-1][0]) if entries else after, ended, True)
 
     def status(self, stream_id: str) -> tuple[float | None, bool]:
         """When a follower last read the answer (wall clock), and whether it is to stop."""
@@ -270,16 +281,29 @@ class RedisResumeStore:
     def cancel(self, stream_id: str) -> None:
         _, info = self._keys(stream_id)
         try:
-            self._redis.hset(info, "cancelled", 1)
+            self._touch(keys=[info], args=["cancelled", 1])
         except redis.RedisError:
             log.warning("Redis unavailable: could not cancel a resumable answer")
 
     def discard(self, stream_id: str) -> None:
+        """Delete the record, after any of its appends still waiting to be sent (they would recreate it)."""
         self._forget(stream_id)
-        try:
-            self._redis.delete(*self._keys(stream_id))
-        except redis.RedisError:
-            pass  # the keys expire by themselves
+        self._batch.commands.append(("DEL", *self._keys(stream_id)))
+        if self._committer is None or self._committer.dead:
+            self._committer = gevent.spawn(self._commit_forever)
+
+
+class StoreUnavailable(Exception):
+    """The resume store cannot be reached: whether the answer exists is unknown."""
+
+
+# Set a field of an answer's info hash only if the answer still exists (HSET alone would recreate
+# an expired one, without expiry); returns whether it exists and whether it has ended.
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {1, redis.call('HEXISTS', KEYS[1], 'ended')}
+"""
 
 
 class _Batch:

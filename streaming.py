@@ -629,19 +629,20 @@ _shutdown_deadline = float("inf")
 
 
 def begin_shutdown(grace_seconds: float) -> None:
-    """The server is stopping: streams still open ``grace_seconds`` from now end as failures.
-
-    Answers nobody is reading (resumable ones whose caller left) end now: this worker will not
-    wait for them, and their record should say how they ended.
-    """
+    """The server is stopping: streams still open ``grace_seconds`` from now end as failures."""
     global _shutdown_deadline
     _shutdown_deadline = min(_shutdown_deadline, time.monotonic() + grace_seconds)
-    _watch.stop_detached()
 
 
-def wait_for_detached(timeout: float) -> None:
-    """At worker exit: let readers of answers nobody is reading finish recording their end."""
-    gevent.joinall([stream._reader for stream in list(_watch._streams) if stream.detached], timeout=timeout)
+def wait_for_detached() -> None:
+    """At worker exit: answers whose caller left get the same grace as the others, and their end recorded.
+
+    gunicorn's worker exits once no request is open, which says nothing of these; the watch ends
+    them at the shutdown deadline, and this waits for that.
+    """
+    readers = [stream._reader for stream in list(_watch._streams) if stream.detached]
+    left = _shutdown_deadline - time.monotonic()
+    gevent.joinall(readers, timeout=(max(0.0, left) if left != float("inf") else 0.0) + 2.0)
 
 
 def shutting_down() -> bool:
@@ -720,11 +721,6 @@ class _StreamWatch:
     def discard(self, stream: RelayStream) -> None:
         self._streams.discard(stream)
 
-    def stop_detached(self) -> None:
-        for stream in list(self._streams):
-            if stream.detached:
-                stream._stop(_shutdown_error())
-
     def _run(self) -> None:
         while self._streams:
             gevent.sleep(self._tick)
@@ -800,8 +796,10 @@ class RelayStream:
             read = body.read
             while True:
                 self._reading_since = time.monotonic()
-                chunk = read()
-                self._reading_since = None
+                try:
+                    chunk = read()
+                finally:
+                    self._reading_since = None
                 if not chunk:
                     break
                 events = decoder.feed(chunk)
@@ -844,28 +842,29 @@ class RelayStream:
             except RelayError as exc:
                 error = exc
                 break
+        stopped = None
         if parts:
             out = b"".join(parts)
-            self._record()
+            stopped = _unstoppable(self._record)
             if self.first_event_at is None:
                 self.first_event_at = time.monotonic()
-                self._put(out)  # even when empty: the first event is what commits the response
+                stopped = _unstoppable(lambda: self._put(out)) or stopped  # even empty: it commits the response
             elif out:
-                self._put(out)
-        if error is not None:
-            raise error
+                stopped = _unstoppable(lambda: self._put(out)) or stopped
+        if error is not None or stopped is not None:
+            raise error or stopped
 
     def _end(self, error: RelayError | None, tail: bytes = b"") -> None:
         """Record and queue how the answer ended: its closing output, or its failure."""
         self._ending = True
         if error is not None:
             tail = self.translator.error(error)
-        self._record(end=True)
+        _unstoppable(lambda: self._record(end=True))  # a stop landing now is too late: this is the end
         if error is None:
             if tail:
-                self._put(tail)
+                _unstoppable(lambda: self._put(tail))
             tail = None
-        self._put(_Finished(error, tail))
+        _unstoppable(lambda: self._put(_Finished(error, tail)))
 
     def _record(self, end: bool = False) -> None:
         if self._recording is not None:
@@ -881,7 +880,7 @@ class RelayStream:
         if now >= _shutdown_deadline:
             self._stop(_shutdown_error())
         reading_since = self._reading_since
-        if reading_since is not None and now - reading_since >= self._read_timeout:
+        if reading_since is not None and now - reading_since >= self._read_timeout and not self._ending:
             self._reading_since = None
             self._reader.kill(_UpstreamSilent(), block=False)
         if self.detached:
@@ -998,6 +997,21 @@ class RelayStream:
         on_retired, self._on_retired = self._on_retired, None
         if on_retired is not None:
             on_retired()
+
+
+def _unstoppable(step: Callable[[], None]) -> BaseException | None:
+    """Run ``step`` to its end even if a stop is raised into the reader meanwhile; returns that stop.
+
+    A stop lands at the reader's next wait, which may be a record's write or a full queue rather
+    than the upstream read: the events already taken must still be recorded and queued, in order.
+    """
+    landed = None
+    while True:
+        try:
+            step()
+            return landed
+        except (_Stop, _UpstreamSilent) as stop:
+            landed = stop
 
 
 def _stop_socket_timeouts(response: requests.Response) -> None:

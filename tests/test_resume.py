@@ -199,6 +199,9 @@ def test_resume_after_the_upstream_finished_gets_the_whole_remainder(resuming_re
         whole = resume(reader, stream_id, None).rest()  # no Last-Event-ID: from the start
         assert_numbered(stream_id, whole, first=1)
         assert whole[0]["event"] == "meta" and text_of(whole) == UPSTREAM_TEXT
+        started = time.monotonic()
+        assert resume(reader, stream_id, whole[-1]["id"]).rest() == []  # had it all: ends at once
+        assert time.monotonic() - started < 2
         assert len(upstream.seen(model)) == 1
 
 
@@ -283,12 +286,15 @@ def test_a_resumable_relay_still_closes_other_answers_within_two_seconds(resumin
 
 
 def test_an_answer_left_running_when_its_relay_stops_records_that_it_failed(relay_factory, redis_url, upstream):
-    stopping, staying = (relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=redis_url) for _ in range(2))
+    stopping, staying = (
+        relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=redis_url, RELAY_GRACEFUL_TIMEOUT="1")
+        for _ in range(2)
+    )
     try:
         model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))
         stream_id, seen = cut_after_tokens(stopping, model, tokens=2)
         time.sleep(0.5)  # the relay has seen its caller go and detached the answer
-        stopping.stop()  # SIGTERM: nobody reads that answer, so the worker does not wait for it
+        stopping.stop()  # SIGTERM: the answer gets RELAY_GRACEFUL_TIMEOUT, like open requests, then ends
         rest = resume(staying, stream_id, seen[-1]["id"]).rest()
         assert rest[-1]["event"] == "error"
         assert json.loads(rest[-1]["data"])["error"]["code"] == "shutting_down"
