@@ -361,9 +361,10 @@ class UpstreamClient:
         self._retries = retries
         self.session = requests.Session()
         self.session.trust_env = False  # proxies and .netrc from the environment would see the key
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self._adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", self._adapter)
+        self.session.mount("https://", self._adapter)
+        self._templates: dict[tuple[str, str, str], requests.PreparedRequest] = {}
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": accept, "User-Agent": "chat-relay/1"}
@@ -396,14 +397,29 @@ class UpstreamClient:
             raise _malformed("the body is not JSON") from None
         return response.status_code, content
 
+    def _prepare(self, method: str, path: str, body: bytes | None, accept: str) -> requests.PreparedRequest:
+        """The request, from a template prepared once per endpoint: preparing one costs more than sending it.
+
+        It goes straight to the adapter, without the session's per-request merging, cookie jar and
+        redirects: the upstream's cookies are nobody's business, and a redirect is an error here.
+        """
+        key = (method, path, accept)
+        template = self._templates.get(key)
+        if template is None:
+            request = requests.Request(method, self.base_url + path, headers=self._headers(accept))
+            template = self._templates[key] = self.session.prepare_request(request)
+        prepared = template.copy()
+        if body is not None:
+            prepared.body = body
+            prepared.headers["Content-Length"] = str(len(body))
+        return prepared
+
     def _send(self, method: str, path: str, body, accept: str, *, stream: bool) -> requests.Response:
-        url = self.base_url + path
         attempt = 0
         while True:
             try:
-                response = self.session.request(
-                    method, url, data=body, headers=self._headers(accept), stream=stream, timeout=self._timeout
-                )
+                prepared = self._prepare(method, path, body, accept)
+                response = self._adapter.send(prepared, stream=stream, timeout=self._timeout)
             except requests.RequestException as exc:
                 error = _transport_error(exc)
                 retryable = isinstance(exc, requests.ConnectionError)  # ConnectTimeout too; ReadTimeout is not
@@ -449,6 +465,13 @@ class UpstreamClient:
             )
         if status >= 500:
             return RelayError(502, "upstream_error", f"The upstream failed ({status}): {message}", outcome="upstream_error")
+        if status < 400:  # never followed: the key and the question would go wherever it points
+            return RelayError(
+                502,
+                "upstream_error",
+                f"The upstream redirected ({status}); set OPENAI_BASE_URL to the address it redirects to.",
+                outcome="upstream_error",
+            )
         code = upstream.get("code")
         return RelayError(
             status,

@@ -76,6 +76,16 @@ def test_upstream_429_after_retries_is_429_upstream_rate_limited_with_retry_afte
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
+def test_an_upstream_redirect_is_not_followed_but_named(no_retry, upstream, path):
+    target = [("Location", f"{upstream.base_url}/chat/completions")]  # a 307 would repeat the POST, key and all
+    model = upstream.script(failing(307, {"error": {"message": "moved"}}, target))
+    result = post(no_retry, path, model)
+    assert_error(result, 502, "upstream_error")
+    assert "OPENAI_BASE_URL" in result.json()["error"]["message"]
+    assert len(upstream.seen(model)) == 1
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
 def test_upstream_5xx_after_retries_is_502_upstream_error(no_retry, upstream, path):
     assert_error(post(no_retry, path, upstream.script(failing(503))), 502, "upstream_error")
 
