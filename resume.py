@@ -207,13 +207,17 @@ class RedisResumeStore:
         self._seqs[stream_id] = seq + len(frames)
         if end:
             self._forget(stream_id)
-        batch = self._batch
-        if self._committer is None or self._committer.dead:
-            self._committer = gevent.spawn(self._commit_forever)
+        batch = self._commit_soon()
         batch.done.wait()
         if not batch.stored:
             log.warning("Redis unavailable: stopped recording a resumable answer")
             self._forget(stream_id)
+
+    def _commit_soon(self) -> _Batch:
+        """Make sure the committer will send the batch being filled; returns that batch."""
+        if self._committer is None or self._committer.dead:
+            self._committer = gevent.spawn(self._commit_forever)
+        return self._batch
 
     def _commit_forever(self) -> None:
         while self._batch.commands:
@@ -289,8 +293,7 @@ class RedisResumeStore:
         """Delete the record, after any of its appends still waiting to be sent (they would recreate it)."""
         self._forget(stream_id)
         self._batch.commands.append(("DEL", *self._keys(stream_id)))
-        if self._committer is None or self._committer.dead:
-            self._committer = gevent.spawn(self._commit_forever)
+        self._commit_soon()
 
 
 class StoreUnavailable(Exception):

@@ -1,8 +1,8 @@
 """The relay's pipeline: upstream bytes -> SSE lines -> events -> tokens -> the caller's framing.
 
 Pieces, one job each: ``SSEDecoder`` (bytes to events, WHATWG rules, no I/O), the translators
-(events to output bytes for the token endpoint or the passthrough), ``UpstreamClient`` (one pooled
-``requests`` session, retries before the first byte, error mapping) and ``RelayStream`` (one
+(events to output bytes for the token endpoint or the passthrough), ``UpstreamClient`` (one
+``requests`` connection pool, retries before the first byte, error mapping) and ``RelayStream`` (one
 stream's lifetime under gevent: a reader greenlet, heartbeats, client watch, one cleanup).
 Nothing here imports Flask.
 """
@@ -339,7 +339,7 @@ class PassthroughTranslator(_Translator):
 
 
 class UpstreamClient:
-    """Calls the OpenAI-compatible upstream through one pooled session; maps its failures.
+    """Calls the OpenAI-compatible upstream through one pooled ``requests`` adapter; maps its failures.
 
     Retries happen here and only here, before anything has reached the caller.
     """
@@ -359,11 +359,9 @@ class UpstreamClient:
         register_secret(api_key)  # every error message built from upstream text is redacted of it
         self._timeout = (connect_timeout, read_timeout)
         self._retries = retries
-        self.session = requests.Session()
-        self.session.trust_env = False  # proxies and .netrc from the environment would see the key
+        self._session = requests.Session()  # only prepares requests; the adapter sends them
+        self._session.trust_env = False  # a .netrc in the environment would replace the key
         self._adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", self._adapter)
-        self.session.mount("https://", self._adapter)
         self._templates: dict[tuple[str, str, str], requests.PreparedRequest] = {}
 
     def _headers(self, accept: str) -> dict[str, str]:
@@ -407,7 +405,7 @@ class UpstreamClient:
         template = self._templates.get(key)
         if template is None:
             request = requests.Request(method, self.base_url + path, headers=self._headers(accept))
-            template = self._templates[key] = self.session.prepare_request(request)
+            template = self._templates[key] = self._session.prepare_request(request)
         prepared = template.copy()
         if body is not None:
             prepared.body = body
@@ -813,7 +811,7 @@ class RelayStream:
         decoder = SSEDecoder()
         response = None
         try:
-            response = open_upstream()  # connect and header timeouts are the session's
+            response = open_upstream()  # connect and header timeouts are the adapter's
             _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
             body = UpstreamBody(response)
             read = body.read
