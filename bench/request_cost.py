@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.request_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
+    # Not bench.processes.Services: its child handling blocks under the gevent patching this needs.
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", "0"], stdout=subprocess.PIPE, cwd=ROOT)
     try:
         port = int(upstream.stdout.readline())
