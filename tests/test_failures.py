@@ -334,7 +334,8 @@ def test_a_thousand_aborted_streams_leak_no_connection(relay_factory, upstream):
             time.sleep(0.5)
             return exchanges
 
-        abort_thousand()  # the first round sets the allocator's high-water mark
+        for _ in range(2):  # the first rounds raise the allocator's high-water mark (measured: 3-10 MiB, then <1)
+            abort_thousand()
         fds_before, rss_before = _fd_count(worker), _rss_kib(worker)
         exchanges = abort_thousand()
         assert len(exchanges) == 1000
