@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import uuid
+from functools import partial
 
 import orjson
 from dotenv import load_dotenv
@@ -44,6 +45,7 @@ from streaming import (
     ClientGone,
     PassthroughTranslator,
     RelayStream,
+    ResumableStream,
     TokenTranslator,
     UpstreamClient,
     client_socket_closed,
@@ -337,14 +339,12 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
             recording.discard()
         raise
     metrics.ACTIVE_STREAMS.inc()
-    stream = RelayStream(
-        lambda: relay.upstream.open_stream("/chat/completions", payload),
-        translator,
-        read_timeout=settings.read_timeout,
-        client_gone=client_gone,
-        heartbeat_seconds=settings.heartbeat_seconds,
-        recording=recording,
-    )
+    options = {"read_timeout": settings.read_timeout, "client_gone": client_gone, "heartbeat_seconds": settings.heartbeat_seconds}
+    open_upstream = partial(relay.upstream.open_stream, "/chat/completions", payload)
+    if recording is None:
+        stream = RelayStream(open_upstream, translator, **options)
+    else:
+        stream = ResumableStream(open_upstream, translator, recording=recording, **options)
     headers = STREAM_HEADERS if recording is None else {**STREAM_HEADERS, "X-Relay-Stream-Id": recording.stream_id}
 
     def finish(outcome: str, resumable: bool = False) -> None:

@@ -2,8 +2,11 @@
 
 Pieces, one job each: ``SSEDecoder`` (bytes to events, WHATWG rules, no I/O), the translators
 (events to output bytes for the token endpoint or the passthrough), ``UpstreamClient`` (one
-``requests`` connection pool, retries before the first byte, error mapping) and ``RelayStream`` (one
-stream's lifetime under gevent: a reader greenlet, heartbeats, client watch, one cleanup).
+``requests`` connection pool, retries before the first byte, error mapping), ``UpstreamBody``
+(the body as it arrives, de-chunked) and one stream's lifetime under gevent: ``RelayStream``
+(read by the caller's own greenlet) or ``ResumableStream`` (a reader greenlet that records the
+answer and may outlive its caller), both under one watch greenlet for heartbeats, hang-ups,
+timeouts and the shutdown deadline.
 Nothing here imports Flask.
 """
 
@@ -661,7 +664,7 @@ def wait_for_detached() -> None:
     gunicorn's worker exits once no request is open, which says nothing of these; the watch ends
     them at the shutdown deadline, and this waits for that.
     """
-    readers = [stream._reader for stream in list(_watch._streams) if stream.detached]
+    readers = [stream._reader for stream in list(_watch._streams) if isinstance(stream, ResumableStream) and stream.detached]
     left = _shutdown_deadline - time.monotonic()
     gevent.joinall(readers, timeout=(max(0.0, left) if left != float("inf") else 0.0) + 2.0)
 
@@ -687,6 +690,10 @@ class ClientGone(Exception):
 
 class _UpstreamSilent(Exception):
     """Raised into a reader whose upstream said nothing for longer than the read timeout."""
+
+
+class _Heartbeat(Exception):
+    """Raised into a caller's wait on a silent upstream: time to send its client a ping."""
 
 
 class _Stop(Exception):
@@ -756,29 +763,16 @@ class _StreamWatch:
 _watch = _StreamWatch()
 
 
-class RelayStream:
-    """One relayed answer, from the upstream call to the caller's last byte.
-
-    A reader greenlet makes the upstream call (retries included), reads the body as bytes arrive
-    and puts translated output on a queue; the caller's side waits on that queue. The worker's
-    ``_StreamWatch`` adds heartbeats and hang-up notices to the queue and stops a reader whose
-    upstream went silent. ``close()`` is the one cleanup: it stops the reader, whose ``finally``
-    closes the upstream response (or returns its connection to the pool after a clean end).
-
-    A resumable answer (``recording``) also appends every event to its record. When its caller
-    leaves, ``detach()`` replaces ``close()``: the reader goes on recording, and is stopped only if
-    no follower has read the record for ``recording.linger_seconds``.
-    """
+class _Answer:
+    """What both kinds of stream share: the caller-facing outcome and the clocks the watch keeps."""
 
     def __init__(
         self,
-        open_upstream: Callable[[], requests.Response],
         translator,
         *,
         read_timeout: float,
         client_gone: Callable[[], bool] = lambda: False,
         heartbeat_seconds: float | None = None,
-        recording=None,
     ):
         self.translator = translator
         self.error: RelayError | None = None
@@ -787,18 +781,171 @@ class RelayStream:
         self._client_gone = client_gone
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._read_timeout = read_timeout
+        self._committed = False  # the caller has its first output: heartbeats may flow
+        self._waiting_since: float | None = None  # when the caller started waiting on the upstream, if it is
+        _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
+
+    def _fail(self, error: RelayError) -> None:
+        self.error = error
+        self.outcome = error.outcome
+
+
+class RelayStream(_Answer):
+    """One relayed answer, read by the caller's own greenlet: the upstream call, then every read's output.
+
+    ``first()`` calls the upstream and returns the output of its first event; ``rest()`` yields the
+    output of each later read as it arrives, so tokens that arrived together leave together. There
+    is no second greenlet and no queue: while the caller waits on the upstream, the worker's
+    ``_StreamWatch`` may raise into that wait a heartbeat (the caller gets a ping and waits on), a
+    hang-up, the read timeout or the shutdown deadline, the way ``gevent.Timeout`` raises into a
+    wait. ``close()`` is the one cleanup: it closes the upstream response, or returns its connection
+    to the pool after a clean end.
+    """
+
+    def __init__(self, open_upstream: Callable[[], requests.Response], translator, **clocks):
+        super().__init__(translator, **clocks)
+        self._open_upstream = open_upstream
+        self._caller = None  # the greenlet waiting on the upstream, while one is
+        self._wait_number = 0  # which wait: an interruption meant for an earlier one is dropped
+        self._heard_at: float | None = None  # when the upstream body last sent bytes (None: no body yet)
+        self._interrupting = False
+        self._outputs = self._produce()
+
+    def first(self) -> bytes:
+        """Call the upstream and wait for its first event; its output, or RelayError/ClientGone."""
+        try:
+            first = next(self._outputs)
+        except RelayError as error:
+            self._fail(error)
+            raise
+        self._committed = True
+        return first
+
+    def rest(self) -> Iterator[bytes]:
+        """The output of every later read; the failure's frame last if it fails (or RelayError: abort)."""
+        try:
+            yield from self._outputs
+        except RelayError as error:
+            self._fail(error)
+            tail = self.translator.error(error)
+            if tail is None:
+                raise
+            yield tail
+
+    def close(self) -> None:
+        """Stop reading and close the upstream request; safe to call more than once."""
+        _watch.discard(self)
+        self._outputs.close()
+
+    def detach(self, on_retired: Callable[[], None]) -> bool:
+        """Nothing records this answer, so nothing can go on without its caller: ``close()`` it."""
+        return False
+
+    def _produce(self) -> Iterator[bytes]:
+        translator = self.translator
+        decoder = SSEDecoder()
+        response = None
+        try:
+            response = self._wait(self._open_upstream)  # connect and header timeouts are the adapter's
+            _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
+            body = UpstreamBody(response)
+            self._heard_at = time.monotonic()
+            while True:
+                try:
+                    chunk = self._wait(body.read)
+                except _Heartbeat:
+                    yield PING
+                    continue
+                now = self._heard_at = time.monotonic()
+                if now >= _shutdown_deadline:  # a busy stream may never be caught waiting
+                    raise _Stop(_shutdown_error())
+                if not chunk:
+                    break
+                events = decoder.feed(chunk)
+                if events:
+                    out, error = _translate(translator, events)
+                    if out is not None and self.first_event_at is None:
+                        self.first_event_at = now
+                        yield out  # even empty: it commits the response
+                    elif out:
+                        yield out
+                    if error is not None:
+                        raise error
+            body.finish()  # the body was read to its end: the connection can be reused
+            if self.first_event_at is None:
+                raise _malformed("the upstream sent no events")
+            tail = translator.end()
+            if tail:
+                yield tail
+        except ClientGone:
+            self.outcome = "client_disconnect"
+            raise
+        except Exception as exc:
+            raise _reading_error(exc, started=self.first_event_at is not None) from None
+        finally:
+            _watch.discard(self)
+            if response is not None:
+                response.close()
+
+    def _wait(self, step: Callable[[], object]):
+        """Run ``step``, which waits on the upstream, where the watch may interrupt it."""
+        self._wait_number += 1
+        self._caller = gevent.getcurrent()
+        self._waiting_since = time.monotonic()
+        try:
+            return step()
+        finally:
+            self._caller = self._waiting_since = None
+
+    def _on_tick(self, now: float) -> None:
+        waiting_since = self._waiting_since
+        if waiting_since is None or self._interrupting:
+            return  # the caller is writing to its client, or an interruption is on its way
+        heard_at = self._heard_at
+        if now >= _shutdown_deadline:
+            self._interrupt(_Stop(_shutdown_error()))
+        elif heard_at is not None and now - heard_at >= self._read_timeout:
+            self._interrupt(_UpstreamSilent())
+        elif now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
+            self._interrupt(ClientGone())
+        elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat:
+            self._interrupt(_Heartbeat())
+
+    def _interrupt(self, exc: Exception) -> None:
+        self._interrupting = True
+        gevent.get_hub().loop.run_callback(self._raise_in_wait, self._wait_number, exc)
+
+    def _raise_in_wait(self, wait_number: int, exc: Exception) -> None:
+        self._interrupting = False
+        caller = self._caller
+        if caller is not None and wait_number == self._wait_number:  # still in the same wait
+            caller.throw(exc)
+
+
+class ResumableStream(_Answer):
+    """A resumable answer: it is recorded, and may go on after its caller leaves.
+
+    A reader greenlet makes the upstream call (retries included), reads the body as bytes arrive,
+    appends every event to the answer's record and puts the output on a queue; the caller's side
+    waits on that queue. The worker's ``_StreamWatch`` adds heartbeats and hang-up notices to the
+    queue and stops a reader whose upstream went silent. ``close()`` stops the reader, whose
+    ``finally`` closes the upstream response (or returns its connection to the pool after a clean
+    end). When the caller leaves, ``detach()`` replaces ``close()``: the reader goes on recording,
+    and is stopped only if no follower has read the record for ``recording.linger_seconds``.
+    (``RelayStream`` is the same answer without a record, and without the second greenlet.)
+    """
+
+    def __init__(self, open_upstream: Callable[[], requests.Response], translator, *, recording, **clocks):
+        super().__init__(translator, **clocks)
         self._recording = recording
         self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
         self._finished = False
-        self._committed = False
         self._ending = False  # the reader is recording and queueing the answer's end: leave it be
-        self._waiting_since: float | None = None  # when the caller's side started waiting, if it is
         self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
         self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False
         self._on_retired: Callable[[], None] | None = None
         self._reader = gevent.spawn(self._read, open_upstream)
-        _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
     @property
     def detached(self) -> bool:
@@ -830,23 +977,8 @@ class RelayStream:
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
             self._end(None, translator.end())
-        except _Stop as stop:
-            self._end(stop.error)
-        except RelayError as error:
-            self._end(error)
-        except ValueError as error:  # an over-long line
-            self._end(_malformed(str(error)))
-        except (
-            _UpstreamSilent,
-            urllib3.exceptions.HTTPError,
-            requests.RequestException,
-            http.client.HTTPException,
-            OSError,
-        ) as exc:
-            self._end(_stream_transport_error(exc) if self.first_event_at else _transport_error(exc))
-        except Exception:
-            log.exception("the stream reader failed unexpectedly")
-            self._end(RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error"))
+        except Exception as exc:
+            self._end(_reading_error(exc, started=self.first_event_at is not None))
         finally:
             self._reading_since = None
             if response is not None:
@@ -855,17 +987,10 @@ class RelayStream:
                 self._retire()
 
     def _translate(self, events: list[ServerSentEvent]) -> None:
-        """Queue the output of one read's events; what came before a failing event is kept."""
-        parts, error = [], None
-        for event in events:
-            try:
-                parts.append(self.translator.feed(event))
-            except RelayError as exc:
-                error = exc
-                break
+        """Record and queue the output of one read's events; what came before a failing event is kept."""
+        out, error = _translate(self.translator, events)
         stopped = None
-        if parts:
-            out = b"".join(parts)
+        if out is not None:
             stopped = _unstoppable(self._record)
             if self.first_event_at is None:
                 self.first_event_at = time.monotonic()
@@ -987,10 +1112,6 @@ class RelayStream:
             raise ClientGone()
         return item
 
-    def _fail(self, error: RelayError) -> None:
-        self.error = error
-        self.outcome = error.outcome
-
     def close(self) -> None:
         """Stop reading and close the upstream request; safe to call more than once."""
         _watch.discard(self)
@@ -1050,3 +1171,40 @@ def _stream_transport_error(exc: Exception) -> RelayError:
     else:
         error.message = "The upstream connection failed mid-stream."
     return error
+
+
+_TRANSPORT_ERRORS = (
+    _UpstreamSilent,
+    urllib3.exceptions.HTTPError,
+    requests.RequestException,
+    http.client.HTTPException,
+    OSError,
+)
+
+
+def _reading_error(exc: Exception, *, started: bool) -> RelayError:
+    """What a failure while calling or reading the upstream means for the caller."""
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, _Stop):
+        return exc.error
+    if isinstance(exc, ValueError):  # an over-long line
+        return _malformed(str(exc))
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return _stream_transport_error(exc) if started else _transport_error(exc)
+    log.exception("reading the upstream failed unexpectedly", exc_info=exc)
+    return RelayError(502, "internal_error", "The relay failed reading the upstream.", outcome="upstream_error")
+
+
+def _translate(translator, events: list[ServerSentEvent]) -> tuple[bytes | None, RelayError | None]:
+    """One read's events as output, and the failure that stopped them; what came before it is kept.
+
+    The output is None when not one event was translated (the first one failed).
+    """
+    parts = []
+    for event in events:
+        try:
+            parts.append(translator.feed(event))
+        except RelayError as error:
+            return (b"".join(parts) if parts else None), error
+    return b"".join(parts), None

@@ -367,6 +367,18 @@ def test_heartbeats_flow_while_the_upstream_is_silent(relay_factory, upstream, p
         assert [kind for kind, _ in parse_sse(result.body)] == ["meta", None, None, "done"]
 
 
+def test_heartbeats_do_not_keep_a_silent_upstream_alive_past_the_read_timeout(relay_factory, upstream):
+    relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.2", RELAY_READ_TIMEOUT="1")
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=4))
+    started = time.monotonic()
+    result = post(relay, ENDPOINTS[0], model, sse=True)
+    elapsed = time.monotonic() - started
+    events = parse_sse(result.body)
+    assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == "upstream_timeout", events
+    assert result.body.count(b": ping\n\n") >= 3, "pings flow until the read timeout"
+    assert elapsed < 3, f"the 1 s read timeout fired after {elapsed:.1f} s"
+
+
 def test_plain_text_answers_get_no_heartbeats(relay_factory, upstream):
     relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.3")
     model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=0.5))
