@@ -193,8 +193,7 @@ def _register(app: Flask, settings: Settings) -> None:
     @app.post("/api/stream_chat_completion")
     def stream_chat_completion():
         payload = _token_request(_json_body(), settings)
-        accept = request.accept_mimetypes
-        sse = any(kind.lower() == "text/event-stream" and quality > 0 for kind, quality in accept)
+        sse = _wants_events()
         recording = _start_recording(relay) if sse and request.headers.get("X-Relay-Resumable") == "1" else None
         translator = TokenTranslator(sse=sse, stream_id=recording.stream_id if recording else None)
         return _relay_stream(relay, payload, translator, recording)
@@ -241,6 +240,13 @@ def _json_body() -> dict:
     if not isinstance(body, dict):
         raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
+
+
+def _wants_events() -> bool:
+    """Whether the caller asked for the relay's events: ``text/event-stream`` with a quality above 0."""
+    if "event-stream" not in request.headers.get("Accept", "").lower():
+        return False  # most callers: werkzeug's full parse is a measurable share of a stream's set-up
+    return any(kind.lower() == "text/event-stream" and quality > 0 for kind, quality in request.accept_mimetypes)
 
 
 def _invalid(field: str, message: str, code: str = "invalid_request") -> RelayError:

@@ -32,6 +32,11 @@ _own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
 
+# Workers resolve host names with resolver.Resolver: an address (OPENAI_BASE_URL at an IP, Redis on
+# 127.0.0.1) is parsed in place instead of being handed to a thread, and a name's addresses are
+# reused for 30 s, so new upstream connections under load do not queue for the resolver thread.
+os.environ.setdefault("GEVENT_RESOLVER", "resolver.Resolver")
+
 # Where to listen. Behind nginx on the same VM, HOST=127.0.0.1 keeps the relay off the network.
 bind = f"{_settings.host}:{_settings.port}"
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+
+import pytest
 
 from conftest import UPSTREAM_KEY
 from fake_upstream import chunk, sse_answer, stream_script
@@ -249,6 +252,31 @@ def test_upstream_connections_are_reused_after_a_complete_answer(relay, upstream
         assert relay.stream(model).text == "same socket"
     connections = {exchange.connection for exchange in upstream.seen(model)}
     assert len(connections) == 1, f"each answer opened a new upstream connection: {connections}"
+
+
+@pytest.mark.parametrize("farewell", [b"", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n"])
+def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_reused(relay_factory, upstream, farewell):
+    relay = relay_factory(RELAY_RETRIES="0")  # only the pool's own check can save the next answer
+    closed = threading.Event()
+
+    def script(conn):
+        conn.start(keep_alive=True)
+        for event in sse_answer(["first"]):
+            conn.send(event)
+        conn.end()
+        time.sleep(0.1)
+        conn.send_raw(farewell)  # as servers do at their idle timeout: some send a 408 first
+        conn.keep_alive = False  # then close it
+        closed.set()
+
+    model = upstream.script(script)
+    assert relay.stream(model).text == "first"
+    assert closed.wait(5)
+    time.sleep(0.2)  # the close reaches the relay's pooled socket
+    upstream.script(stream_script(sse_answer(["second"])), name=model + "-2")
+    result = relay.stream(model + "-2")
+    assert result.text == "second" and result.complete
+    assert upstream.seen(model)[0].connection != upstream.seen(model + "-2")[0].connection
 
 
 def test_a_keep_alive_answer_cut_short_is_not_reused(relay, upstream):
