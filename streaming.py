@@ -628,8 +628,8 @@ class UpstreamBody:
     """Reads a streaming upstream body as it arrives, as cheaply as Python allows.
 
     urllib3 and http.client run several layers of Python per network read; at chat pace that is per
-    token. For the common shapes (chunked or length-delimited or read-to-close; identity, gzip or
-    deflate) this reads the connection's buffered socket directly, once per read, and decodes with
+    token. For the common shapes (chunked or length-delimited or read-to-close; identity, gzip,
+    x-gzip or deflate) this reads the connection's buffered socket directly, once per read, and decodes with
     ``ChunkedDecoder`` and zlib. Anything else goes through urllib3 unchanged.
     """
 
@@ -640,16 +640,16 @@ class UpstreamBody:
         self._http = getattr(raw, "_fp", None)  # http.client.HTTPResponse, headers already parsed
         source = getattr(self._http, "fp", None)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if source is None or encoding not in ("identity", "gzip", "deflate") or not hasattr(source, "read1"):
+        if source is None or encoding not in ("identity", "gzip", "x-gzip", "deflate") or not hasattr(source, "read1"):
             self.read = lambda: raw.read1(decode_content=True)
-            self._fast = False
+            self.direct = False  # urllib3 reads: any exception raised into a read closes the response
             return
-        self._fast = True
+        self.direct = True
         self._read1 = source.read1
         self._chunked = ChunkedDecoder() if self._http.chunked else None
         self._left = self._http.length  # None: read to close
         self._inflate = None
-        if encoding == "gzip":
+        if encoding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
@@ -682,7 +682,7 @@ class UpstreamBody:
 
     def finish(self) -> None:
         """After a complete body: give the connection back to the pool, as urllib3 would."""
-        if self._fast:
+        if self.direct:
             if not self.complete:
                 return
             self._http._close_conn()  # closes only http.client's file object; the socket stays open
@@ -825,7 +825,6 @@ class _Answer:
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._read_timeout = read_timeout
         self._committed = False  # the caller has its first output: heartbeats may flow
-        self._waiting_since: float | None = None  # when the caller started waiting on the upstream, if it is
         _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
     def _fail(self, error: RelayError) -> None:
@@ -851,6 +850,8 @@ class RelayStream(_Answer):
         self._caller = None  # the greenlet waiting on the upstream, while one is
         self._wait_number = 0  # which wait: an interruption meant for an earlier one is dropped
         self._heard_at: float | None = None  # when the upstream body last sent bytes (None: no body yet)
+        self._quiet_since = 0.0  # since when the caller has had nothing from us: hang-up checks and pings
+        self._pings_may_interrupt = False  # a ping raised into urllib3's own reader would end the body
         self._interrupting = False
         self._outputs = self._produce()
 
@@ -888,32 +889,36 @@ class RelayStream(_Answer):
         translator = self.translator
         decoder = SSEDecoder()
         response = None
+        self._quiet_since = time.monotonic()
         try:
             response = self._wait(self._open_upstream)  # connect and header timeouts are the adapter's
             _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
             body = UpstreamBody(response)
+            self._pings_may_interrupt = body.direct
             self._heard_at = time.monotonic()
             while True:
+                if self._heard_at >= _shutdown_deadline:  # a busy stream may never be caught waiting
+                    raise _Stop(_shutdown_error())
                 try:
                     chunk = self._wait(body.read)
                 except _Heartbeat:
                     yield PING
+                    self._quiet_since = time.monotonic()
                     continue
                 now = self._heard_at = time.monotonic()
-                if now >= _shutdown_deadline:  # a busy stream may never be caught waiting
-                    raise _Stop(_shutdown_error())
                 if not chunk:
                     break
                 events = decoder.feed(chunk)
-                if events:
-                    out, error = _translate(translator, events)
-                    if out is not None and self.first_event_at is None:
-                        self.first_event_at = now
-                        yield out  # even empty: it commits the response
-                    elif out:
-                        yield out
-                    if error is not None:
-                        raise error
+                if not events:
+                    continue
+                out, error = _translate(translator, events)
+                if out is not None and (out or self.first_event_at is None):
+                    if self.first_event_at is None:
+                        self.first_event_at = now  # the first output commits the response, even empty
+                    yield out
+                    self._quiet_since = time.monotonic()
+                if error is not None:
+                    raise error
             body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
@@ -934,24 +939,22 @@ class RelayStream(_Answer):
         """Run ``step``, which waits on the upstream, where the watch may interrupt it."""
         self._wait_number += 1
         self._caller = gevent.getcurrent()
-        self._waiting_since = time.monotonic()
         try:
             return step()
         finally:
-            self._caller = self._waiting_since = None
+            self._caller = None
 
     def _on_tick(self, now: float) -> None:
-        waiting_since = self._waiting_since
-        if waiting_since is None or self._interrupting:
+        if self._caller is None or self._interrupting:
             return  # the caller is writing to its client, or an interruption is on its way
-        heard_at = self._heard_at
+        heard_at, quiet = self._heard_at, now - self._quiet_since
         if now >= _shutdown_deadline:
             self._interrupt(_Stop(_shutdown_error()))
         elif heard_at is not None and now - heard_at >= self._read_timeout:
             self._interrupt(_UpstreamSilent())
-        elif now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
+        elif quiet >= CLIENT_POLL_SECONDS and self._client_gone():
             self._interrupt(ClientGone())
-        elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat:
+        elif self._committed and self._heartbeat and quiet >= self._heartbeat and self._pings_may_interrupt:
             self._interrupt(_Heartbeat())
 
     def _interrupt(self, exc: Exception) -> None:
@@ -962,6 +965,7 @@ class RelayStream(_Answer):
         self._interrupting = False
         caller = self._caller
         if caller is not None and wait_number == self._wait_number:  # still in the same wait
+            self._caller = None  # one interruption per wait
             caller.throw(exc)
 
 
@@ -984,6 +988,7 @@ class ResumableStream(_Answer):
         self._queue: gevent.queue.Queue = gevent.queue.Queue(QUEUE_DEPTH)
         self._finished = False
         self._ending = False  # the reader is recording and queueing the answer's end: leave it be
+        self._waiting_since: float | None = None  # when the caller started waiting on the queue, if it is
         self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
         self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False

@@ -64,7 +64,7 @@ class Conn:
         if chunked:
             lines.append("Transfer-Encoding: chunked")
         if gzip_body:
-            lines.append("Content-Encoding: gzip")
+            lines.append(f"Content-Encoding: {gzip_body if isinstance(gzip_body, str) else 'gzip'}")
             self._gzip = zlib.compressobj(9, zlib.DEFLATED, 31)
         lines.extend(f"{name}: {value}" for name, value in headers)
         self.send_raw(("\r\n".join(lines) + "\r\n\r\n").encode())

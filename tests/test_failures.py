@@ -290,6 +290,40 @@ def test_client_abort_closes_upstream_while_silent(relay, upstream):
     assert line["outcome"] == "client_disconnect"
 
 
+def thinking_after_first_event(hold: float = 20, every: float = 0.1):
+    """After the first token, only bytes that carry nothing for the caller: comments and reasoning chunks."""
+
+    def script(conn):
+        conn.start()
+        conn.send(sse_answer(["first"])[0] + sse_answer(["first"])[1])
+        quiet = [b": processing\n\n", f"data: {chunk(reasoning_content='hmm')}\n\n".encode()]
+        for index in range(int(hold / every)):
+            if conn.sleep_unless_hangup(every):
+                return
+            conn.send(quiet[index % 2])
+
+    return script
+
+
+@pytest.mark.parametrize("sse", [True, False])
+def test_client_abort_closes_upstream_while_it_sends_nothing_for_the_caller(relay, upstream, sse):
+    model = upstream.script(thinking_after_first_event())
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    accept = b"text/event-stream" if sse else b"text/plain"
+    sock.sendall(
+        b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nAccept: %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (accept, len(body), body)
+    )
+    sock.settimeout(10)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+    gone_at = time.monotonic()
+    exchange = upstream.wait_seen(model)[0]
+    assert exchange.finished.wait(5), "the upstream request was never closed"
+    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+
+
 def test_client_abort_before_the_first_event_closes_upstream(relay, upstream):
     model = upstream.script(lambda conn: conn.sleep_unless_hangup(20))
     gone_at = open_and_abandon(relay, model, read_first=False)
@@ -365,6 +399,25 @@ def test_heartbeats_flow_while_the_upstream_is_silent(relay_factory, upstream, p
     assert result.complete
     if path == ENDPOINTS[0]:
         assert [kind for kind, _ in parse_sse(result.body)] == ["meta", None, None, "done"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip"])
+def test_heartbeats_leave_a_compressed_upstream_body_intact(relay_factory, upstream, encoding):
+    relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.3")
+    model = upstream.script(stream_script(sse_answer(["a", "b", "c"]), delay=0.8, gzip_body=encoding))
+    result = post(relay, ENDPOINTS[0], model, sse=True)
+    events = parse_sse(result.body)
+    assert [kind for kind, _ in events] == ["meta", None, None, None, "done"], events
+    assert "".join(json.loads(data)["content"] for kind, data in events if kind is None) == "abc"
+    assert result.body.count(b": ping\n\n") >= 4 and result.complete
+
+
+def test_heartbeats_flow_while_the_upstream_sends_nothing_for_the_caller(relay_factory, upstream):
+    relay = relay_factory(RELAY_HEARTBEAT_SECONDS="0.3")
+    model = upstream.script(thinking_after_first_event(hold=1.6))
+    result = post(relay, ENDPOINTS[0], model, sse=True)
+    pings = result.body.count(b": ping\n\n")
+    assert pings >= 3, f"expected a ping every 0.3 s of 1.6 s without output, got {pings}"
 
 
 def test_heartbeats_do_not_keep_a_silent_upstream_alive_past_the_read_timeout(relay_factory, upstream):
