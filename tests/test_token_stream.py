@@ -279,6 +279,26 @@ def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_reused(relay_
     assert upstream.seen(model)[0].connection != upstream.seen(model + "-2")[0].connection
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_a_body_sent_in_the_same_write_as_the_head_is_relayed_whole_and_the_connection_reused(relay, upstream, framing):
+    events = b"".join(sse_answer(TOKENS))
+    if framing == "chunked":
+        head, body = b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(events), events)
+    else:
+        head, body = b"Content-Length: %d\r\n" % len(events), events
+
+    def script(conn):
+        conn.send_raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + head + b"\r\n" + body)
+        conn.keep_alive = True
+
+    model = upstream.script(script)
+    for _ in range(2):
+        result = relay.stream(model)
+        assert result.text == "Hello, world!" and result.complete
+    first, second = upstream.seen(model)
+    assert first.connection == second.connection
+
+
 def test_a_keep_alive_answer_cut_short_is_not_reused(relay, upstream):
     answers = iter([sse_answer(["cut"], done=False)[:2], sse_answer(["whole"])])
 
