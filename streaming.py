@@ -641,6 +641,7 @@ class UpstreamBody:
     def __init__(self, response: requests.Response):
         self._response = response
         self.complete = False
+        self._readable = None  # a readiness watcher on the socket, when the body reads it directly
         raw = response.raw
         self._http = getattr(raw, "_fp", None)  # http.client.HTTPResponse, headers already parsed
         source = getattr(self._http, "fp", None)
@@ -659,7 +660,11 @@ class UpstreamBody:
             self._recv = source.read1
         else:
             self._early = self._take_socket(source, sock)
-            self._recv = sock.recv
+            self._sock_recv = sock.recv
+            self._hub = gevent.get_hub()
+            self._readable = self._hub.loop.io(sock.fileno(), 1)
+            self._drained = False
+            self._recv = self._recv_when_readable
         self._inflate = None
         if encoding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -677,6 +682,18 @@ class UpstreamBody:
         if self._left is not None and self._chunked is None:
             early = early[: self._left]
         return early
+
+    def _recv_when_readable(self, limit: int) -> bytes:
+        """After a read that emptied the socket, wait until it is readable, then read.
+
+        At chat pace every token finds the socket empty: without this, each read would first fail
+        with EAGAIN (a system call and an exception) before gevent waits for the same event.
+        """
+        if self._drained:
+            self._hub.wait(self._readable)
+        data = self._sock_recv(limit)
+        self._drained = len(data) < limit
+        return data
 
     def read(self) -> bytes:
         """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
@@ -706,6 +723,12 @@ class UpstreamBody:
             raise urllib3.exceptions.ProtocolError("the upstream closed the connection mid-body")
         self.complete = True
         return self._inflate.flush() if self._inflate is not None else b""
+
+    def close(self) -> None:
+        """Release the readiness watcher; the response itself is the caller's to close or finish."""
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
 
     def finish(self) -> None:
         """After a complete body: give the connection back to the pool, as urllib3 would."""
@@ -916,7 +939,7 @@ class RelayStream(_Answer):
     def _produce(self) -> Iterator[bytes]:
         translator = self.translator
         decoder = SSEDecoder()
-        response = None
+        response = body = None
         self._quiet_since = time.monotonic()
         try:
             response = self._wait(self._open_upstream)  # connect and header timeouts are the adapter's
@@ -960,6 +983,8 @@ class RelayStream(_Answer):
             raise _reading_error(exc, started=self.first_event_at is not None) from None
         finally:
             _watch.discard(self)
+            if body is not None:
+                body.close()
             if response is not None:
                 response.close()
 
@@ -1032,7 +1057,7 @@ class ResumableStream(_Answer):
     def _read(self, open_upstream: Callable[[], requests.Response]) -> None:
         translator = self.translator
         decoder = SSEDecoder()
-        response = None
+        response = body = None
         try:
             response = open_upstream()  # connect and header timeouts are the adapter's
             _stop_socket_timeouts(response)  # from here on the watch enforces the read timeout
@@ -1057,6 +1082,8 @@ class ResumableStream(_Answer):
             self._end(_reading_error(exc, started=self.first_event_at is not None))
         finally:
             self._reading_since = None
+            if body is not None:
+                body.close()
             if response is not None:
                 response.close()
             if self.detached:

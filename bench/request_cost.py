@@ -47,6 +47,7 @@ def main() -> None:
             while body.read():
                 pass
             body.finish()
+            body.close()
             response.close()
 
         for payload in payloads[:WARM_UP]:
