@@ -501,7 +501,9 @@ class _PeekedLiveness:
     def is_connected(self) -> bool:
         if self.sock is None:
             return False
-        raw = getattr(self.sock, "_sock", self.sock)  # gevent's wrapper would wait on a would-block
+        raw = getattr(self.sock, "_sock", None)  # gevent's wrapper would wait on a would-block
+        if raw is None:  # not a gevent socket (no workers' patching, or TLS through a proxy): ask urllib3
+            return super().is_connected
         try:
             raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -632,10 +634,11 @@ class UpstreamBody:
     x-gzip or deflate) this reads the connection directly, once per read, and decodes with
     ``ChunkedDecoder`` and zlib. Anything else goes through urllib3 unchanged.
 
-    Over plain TCP it reads the socket itself, so a stream waiting for its next token holds no
-    read buffer (a buffered reader's ``read1`` holds one of the size asked for the whole wait) and
-    http.client's own 8 KiB buffer is freed: 24 KiB less per open stream. Over TLS it reads
-    http.client's buffered socket, whose ``recv`` the ssl layer already buffers.
+    Over plain TCP, on a connection that stays open for reuse (a chunked or length-delimited body),
+    it reads the socket itself: a stream waiting for its next token then holds no read buffer (a
+    buffered reader's ``read1`` holds one of the size asked for the whole wait) and http.client's
+    own 8 KiB buffer is freed, 24 KiB less per open stream. Otherwise (TLS, or a read-to-close body,
+    whose socket http.client keeps to itself) it reads http.client's buffered file object.
     """
 
     def __init__(self, response: requests.Response):

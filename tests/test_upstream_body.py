@@ -1,13 +1,15 @@
-"""The relay's own de-chunking of upstream bodies, without a server: every split point, every framing."""
+"""The relay's own reading of upstream connections, without a server: de-chunking at every split point, and the pool's check."""
 
 from __future__ import annotations
 
+import socket
 import zlib
 
 import pytest
 import urllib3
+from gevent import socket as gevent_socket
 
-from streaming import ChunkedDecoder
+from streaming import ChunkedDecoder, _HTTPConnection
 
 PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
 
@@ -64,3 +66,20 @@ def test_gzip_inside_chunks_is_what_the_relay_inflates():
     decoder, inflate = ChunkedDecoder(), zlib.decompressobj(16 + zlib.MAX_WBITS)
     out = b"".join(inflate.decompress(decoder.feed(chunk)) for chunk in [chunked(pieces)])
     assert out + inflate.flush() == b"".join(PAYLOAD)
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_pooled_connection_is_usable_only_while_open_and_silent(wrapped):
+    """The pool's check: a peek at gevent's raw socket, or urllib3's own check for any other socket."""
+    ours, theirs = socket.socketpair()
+    connection = _HTTPConnection("127.0.0.1", 80)
+    connection.sock = gevent_socket.socket(fileno=ours.detach()) if wrapped else ours
+    assert hasattr(connection.sock, "_sock") == wrapped
+    try:
+        assert connection.is_connected, "an open, silent connection is usable"
+        theirs.sendall(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        assert not connection.is_connected, "bytes nobody asked for make it unusable"
+        theirs.close()
+        assert not connection.is_connected, "a closed connection is unusable"
+    finally:
+        connection.sock.close()
