@@ -409,7 +409,7 @@ def test_heartbeats_leave_a_compressed_upstream_body_intact(relay_factory, upstr
     events = parse_sse(result.body)
     assert [kind for kind, _ in events] == ["meta", None, None, None, "done"], events
     assert "".join(json.loads(data)["content"] for kind, data in events if kind is None) == "abc"
-    assert result.body.count(b": ping\n\n") >= 4 and result.complete
+    assert result.body.count(b": ping\n\n") >= 2 and result.complete  # one or two in each 0.8 s gap
 
 
 def test_heartbeats_flow_while_the_upstream_sends_nothing_for_the_caller(relay_factory, upstream):
