@@ -487,6 +487,15 @@ class UpstreamClient:
         )
 
 
+def _peek(raw_sock) -> bytes | None:
+    """A byte of what a raw socket holds, left unread and without waiting; b"" once the peer closed
+    it, None while it is open with nothing to read. Raises OSError when it was reset."""
+    try:
+        return raw_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
 class _PeekedLiveness:
     """Answers urllib3's "is this pooled connection still usable?" with one non-blocking peek.
 
@@ -505,12 +514,9 @@ class _PeekedLiveness:
         if raw is None:  # not a gevent socket (no workers' patching, or TLS through a proxy): ask urllib3
             return super().is_connected
         try:
-            raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return True  # open, and silent as an idle connection should be
+            return _peek(raw) is None  # closed, or holding something unasked: either way, not reusable
         except OSError:
             return False
-        return False  # closed by the upstream, or it sent something unasked: either way, not reusable
 
 
 class _HTTPConnection(_PeekedLiveness, urllib3.connection.HTTPConnection):
@@ -816,9 +822,7 @@ def client_socket_closed(sock) -> bool:
     """True when the caller's socket has been closed or reset; never blocks, never consumes data."""
     raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait on a would-block; the raw one does not
     try:
-        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
+        return _peek(raw) == b""
     except OSError:
         return True
 
@@ -879,6 +883,7 @@ class _Answer:
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._read_timeout = read_timeout
         self._committed = False  # the caller has its first output: heartbeats may flow
+        # The watch first looks at this stream after the caller's next wait, when the subclass is set up.
         _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
     def _fail(self, error: RelayError) -> None:
