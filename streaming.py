@@ -632,6 +632,34 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
+class _WaitingSocket:
+    """A gevent socket read by ``read1``, which waits for readability only after a read that emptied it.
+
+    At chat pace every token finds the socket empty: a plain read would first fail with EAGAIN (a
+    system call and an exception) before gevent waits for the same event. (A class of its own, not a
+    method of UpstreamBody kept in an attribute: that would be a reference cycle, and the finished
+    response would wait for the garbage collector instead of going when its stream does.)
+    """
+
+    __slots__ = ("_recv", "_hub", "_readable", "_drained")
+
+    def __init__(self, sock):
+        self._recv = sock.recv
+        self._hub = gevent.get_hub()
+        self._readable = self._hub.loop.io(sock.fileno(), 1)
+        self._drained = False
+
+    def read1(self, limit: int) -> bytes:
+        if self._drained:
+            self._hub.wait(self._readable)
+        data = self._recv(limit)
+        self._drained = len(data) < limit
+        return data
+
+    def close(self) -> None:
+        self._readable.close()
+
+
 class UpstreamBody:
     """Reads a streaming upstream body as it arrives, as cheaply as Python allows.
 
@@ -650,7 +678,7 @@ class UpstreamBody:
     def __init__(self, response: requests.Response):
         self._response = response
         self.complete = False
-        self._readable = None  # a readiness watcher on the socket, when the body reads it directly
+        self._socket = None  # the connection's socket, when the body reads it directly
         raw = response.raw
         self._http = getattr(raw, "_fp", None)  # http.client.HTTPResponse, headers already parsed
         source = getattr(self._http, "fp", None)
@@ -669,11 +697,8 @@ class UpstreamBody:
             self._recv = source.read1
         else:
             self._early = self._take_socket(source, sock)
-            self._sock_recv = sock.recv
-            self._hub = gevent.get_hub()
-            self._readable = self._hub.loop.io(sock.fileno(), 1)
-            self._drained = False
-            self._recv = self._recv_when_readable
+            self._socket = _WaitingSocket(sock)
+            self._recv = self._socket.read1
         self._inflate = None
         if encoding in ("gzip", "x-gzip"):
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -691,18 +716,6 @@ class UpstreamBody:
         if self._left is not None and self._chunked is None:
             early = early[: self._left]
         return early
-
-    def _recv_when_readable(self, limit: int) -> bytes:
-        """After a read that emptied the socket, wait until it is readable, then read.
-
-        At chat pace every token finds the socket empty: without this, each read would first fail
-        with EAGAIN (a system call and an exception) before gevent waits for the same event.
-        """
-        if self._drained:
-            self._hub.wait(self._readable)
-        data = self._sock_recv(limit)
-        self._drained = len(data) < limit
-        return data
 
     def read(self) -> bytes:
         """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
@@ -735,9 +748,9 @@ class UpstreamBody:
 
     def close(self) -> None:
         """Release the readiness watcher; the response itself is the caller's to close or finish."""
-        if self._readable is not None:
-            self._readable.close()
-            self._readable = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def finish(self) -> None:
         """After a complete body: give the connection back to the pool, as urllib3 would."""

@@ -56,7 +56,9 @@ class Conn:
         self.sock.sendall(data)
 
     def start(self, status=200, content_type="text/event-stream", headers=(), chunked=True, gzip_body=False,
-              keep_alive=False):  # fmt: skip
+              keep_alive=True):  # fmt: skip
+        # Open for the next request after a chunked answer, as real upstreams are (so the relay reads
+        # the socket itself); keep_alive=False answers with Connection: close.
         self.keep_alive = keep_alive and chunked
         lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}"]
         if not self.keep_alive:

@@ -103,6 +103,23 @@ def test_gzip_upstream_body_is_decoded_and_relayed_token_by_token(relay, upstrea
     assert_arrives_token_by_token(result, len(TOKENS), 0.15)
 
 
+@pytest.mark.parametrize("gzip_body", [False, True], ids=["identity", "gzip"])
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_an_upstream_that_closes_after_each_answer_is_relayed_alike(relay, upstream, sse, gzip_body):
+    """The fake upstream keeps connections open, as real ones do, so the relay reads their sockets
+    itself; one that closes leaves its socket to http.client, whose buffered reader the relay reads
+    instead (as over TLS). Same tokens, same pacing, same end."""
+    script = stream_script(sse_answer(TOKENS), delay=0.15, keep_alive=False, gzip_body=gzip_body)
+    result = relay.stream(upstream.script(script), sse=sse)
+    assert result.status == 200 and result.complete
+    if sse:
+        events = parse_sse(result.body)
+        assert [json.loads(data)["content"] for _, data in events[1:-1]] == TOKENS and events[-1][0] == "done"
+    else:
+        assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
 def test_multibyte_characters_split_across_network_reads_arrive_intact(relay, upstream):
     text = ["日本語", "の", "テキスト", " 🎉"]
     body = b"".join(sse_answer(text))

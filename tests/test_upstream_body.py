@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 import zlib
 
 import pytest
 import urllib3
 from gevent import socket as gevent_socket
 
-from streaming import ChunkedDecoder, _HTTPConnection
+from fake_upstream import sse_answer, stream_script
+from streaming import ChunkedDecoder, UpstreamBody, UpstreamClient, _HTTPConnection
 
 PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
 
@@ -83,3 +86,31 @@ def test_a_pooled_connection_is_usable_only_while_open_and_silent(wrapped):
         assert not connection.is_connected, "a closed connection is unusable"
     finally:
         connection.sock.close()
+
+
+def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream):
+    """No reference cycle: the response and all urllib3 hangs on it go when the stream does.
+
+    A cycle would leave them to the collector, whose full passes over thousands of open streams
+    stall a worker for hundreds of milliseconds; a body reading its socket directly once made one.
+    """
+    model = upstream.script(stream_script(sse_answer(["one", "two"]), keep_alive=True))  # as real upstreams do
+    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
+    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    gc.collect()
+    gc.disable()
+    try:
+        response = client.open_stream("/chat/completions", payload)
+        body = UpstreamBody(response)
+        assert body.direct, "this is the body that reads the socket itself"
+        received = b""
+        while chunk := body.read():
+            received += chunk
+        assert b"one" in received and b"[DONE]" in received
+        body.finish()
+        body.close()
+        response_gone, raw_gone = weakref.ref(response), weakref.ref(response.raw)
+        del response, body
+        assert response_gone() is None and raw_gone() is None, "held by a reference cycle"
+    finally:
+        gc.enable()
