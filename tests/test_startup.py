@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, Relay, free_port
 from settings import SettingsError, load_settings
 
 BASE = {"OPENAI_API_KEY": "sk-test-key-for-settings"}
@@ -94,3 +95,27 @@ def test_demo_mode_streams_a_paced_answer_and_shows_it(relay_factory):
     assert len(result.pieces) / spread < 60, "demo pacing should be around 30 tokens/s"
     page = relay.request("GET", "/")
     assert page.status == 200 and b"relay" in page.body.lower()
+
+
+def test_each_worker_tunes_the_garbage_collector_after_importing_the_app(tmp_path, upstream):
+    """gunicorn.conf.py's post_worker_init freezes the app's objects out of every collection and
+    collects young objects less often (the probe wraps the real config and reports from the worker)."""
+    probe = tmp_path / "gc.json"
+    config = tmp_path / "probe.conf.py"
+    config.write_text(
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+        "_tuned = post_worker_init\n"
+        "def post_worker_init(worker):\n"
+        "    _tuned(worker)\n"
+        "    import gc, json, pathlib, sys\n"
+        "    state = [gc.get_threshold(), gc.get_freeze_count(), 'app' in sys.modules]\n"
+        f"    pathlib.Path({str(probe)!r}).write_text(json.dumps(state))\n"
+    )
+    relay = Relay({"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=str(config))
+    try:
+        threshold, frozen, app_imported = json.loads(probe.read_text())
+    finally:
+        relay.stop()
+    assert app_imported, "tuned after the app was imported, so its objects are among the frozen"
+    assert frozen > 10_000, f"only {frozen} objects frozen"
+    assert threshold == [10_000, 10, 10], "young passes every 10,000 allocations; older ones as Python has them"
