@@ -84,6 +84,12 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("chat-100", 100, 100, 200, 20, relay_formats=RELAY_FORMATS + RESUME_FORMATS),
         Scenario("chat-1000", 1000, 100, 200, 20),
         Scenario("firehose-50", 50, 5000, 0, 0),
+        # The same slow answers at 100 and 1,000 streams: whether cost stays flat as streams grow is
+        # judged on one answer shape (chat-100's 100-token answers spread the set-up thinner).
+        *(
+            Scenario(f"slow-{streams}", streams, 15, 200, 1000, opens_per_second=1000, relay_formats=("relay-text",))
+            for streams in (100, 1000)
+        ),
         # 10,000 open at once: opened over 10 s, each answer lasts 14 s, so all are open from 10 s to 14 s
         Scenario("slow-10000", 10000, 15, 200, 1000, opens_per_second=1000, relay_formats=("relay-text",)),
     ]
