@@ -88,10 +88,11 @@ control_socket_disable = True
 # (RELAY_MAX_BODY_BYTES).
 
 # Young-generation size for Python's cyclic garbage collector in each worker (Python's default: 700).
-# Each full pass scans every object of every open stream: at 4,000 slow streams per worker the
-# defaults made a pass of ~350 ms, 8 of them in 30 s, 16 % of the worker's CPU. With 10,000, and the
-# app's import-time objects frozen out of all passes, that run needed no full pass and paused at
-# most ~50 ms (docs/BENCHMARKS.md). The relay's streams leave almost no cycles to collect.
+# A full pass scans every object of every open stream and stops the worker meanwhile: with 4,000 slow
+# streams on one worker, the defaults made 7 full passes of ~300 ms in 30 s, 15 % of its CPU. With
+# 10,000, and the app's import-time objects frozen out of all passes, the same run needs no full
+# pass and pauses at most ~60 ms (`python -m bench.gc_cost`, docs/BENCHMARKS.md). The relay's
+# streams leave almost no reference cycles, so collecting less often holds little garbage longer.
 GC_YOUNG_THRESHOLD = 10_000
 
 

@@ -140,7 +140,8 @@ class Services:
         raise RuntimeError(f"redis-server did not start:\n{service.log_tail()}")
 
     def relay(
-        self, upstream_port: int, worker_connections: int, workers: int, source: Path = ROOT, extra_env=None
+        self, upstream_port: int, worker_connections: int, workers: int, source: Path = ROOT, extra_env=None,
+        config: str = "gunicorn.conf.py",
     ) -> Service:
         """gunicorn serving the relay whose files are in ``source`` (another checkout, for an A/B)."""
         port = free_port()
@@ -158,7 +159,7 @@ class Services:
             "PROMETHEUS_MULTIPROC_DIR": str(self._fresh_dir("relay-metrics")),  # removed with the work folder
             **(extra_env or {}),
         }
-        argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
+        argv = [sys.executable, "-m", "gunicorn", "-c", config, "app:app"]
         service = self._spawn("relay", argv, env=env, port=port, cwd=source)
         _wait_ready(service, "/healthz")
         deadline = time.monotonic() + START_SECONDS

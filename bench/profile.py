@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.loadgen import run_streams
 from bench.processes import ROOT, Services
-from bench.relay_source import snapshot
+from bench.relay_source import add_source_options, snapshot_of
 from bench.run import RESULTS
 from bench.scenarios import RELAY_FORMATS, scenarios, target_for, warm_up
 from bench.upstream import raise_open_file_limit
@@ -68,8 +68,7 @@ def main() -> int:
     parser.add_argument("--format", default="relay-text", choices=RELAY_FORMATS)
     parser.add_argument("--quick", action="store_true", help="the --quick sizes of the scenarios")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    parser.add_argument("--relay-dir", type=Path, default=ROOT, help="the relay checkout to profile (default: here)")
-    parser.add_argument("--relay-ref", help="profile this commit of --relay-dir (default: its working tree)")
+    add_source_options(parser)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     scenario = {scenario.name: scenario for scenario in scenarios(args.quick)}.get(args.scenario)
@@ -80,7 +79,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     collapsed = RESULTS / time.strftime(f"profile-{scenario.name}-{args.format}-%Y%m%d-%H%M%S.txt")
     workdir = Path(tempfile.mkdtemp(prefix="chat-relay-profile-"))
-    source = snapshot(args.relay_dir.resolve(), workdir / "relay", args.relay_ref)
+    source = snapshot_of(args, workdir / "relay")
     with Services(workdir) as services:
         upstream = services.upstream()
         relay = services.relay(upstream.port, worker_connections=6000, workers=2, source=workdir / "relay")

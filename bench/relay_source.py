@@ -5,6 +5,7 @@ one measurement one version of the relay and the next another. Nothing here touc
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import shutil
@@ -12,11 +13,24 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from bench.processes import ROOT
+
 _NOT_RELAY = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "node_modules", "results")
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True)
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """``--relay-dir`` and ``--relay-ref``: which relay a bench tool measures (default: this working tree)."""
+    parser.add_argument("--relay-dir", type=Path, default=ROOT, help="the relay checkout to measure (default: this one)")
+    parser.add_argument("--relay-ref", help="measure this commit of --relay-dir (default: its working tree as the run starts)")
+
+
+def snapshot_of(args: argparse.Namespace, dest: Path) -> dict:
+    """``snapshot`` of what ``add_source_options`` parsed."""
+    return snapshot(args.relay_dir.resolve(), dest, args.relay_ref)
 
 
 def snapshot(repo: Path, dest: Path, ref: str | None) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import report
 from bench.processes import ROOT, Service, Services
-from bench.relay_source import snapshot
+from bench.relay_source import add_source_options, snapshot_of
 from bench.scenarios import RELAY_FORMATS, RESUME_FORMATS, Scenario, measure, scenarios, target_for
 from bench.upstream import raise_open_file_limit
 
@@ -35,8 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--repetitions", type=int, help="runs of every scenario (default 3; 1 with --quick)")
     add("--scenarios", help="comma-separated subset, e.g. chat-100,firehose-50")
     add("--relay-formats", help=f"comma-separated subset of {','.join(RELAY_FORMATS + RESUME_FORMATS)}")
-    add("--relay-dir", type=Path, default=ROOT, help="the relay checkout to measure (default: this one)")
-    add("--relay-ref", help="measure this commit of --relay-dir (default: its working tree as the run starts)")
+    add_source_options(parser)
     add("--workers", type=int, default=2, help="the relay's WEB_CONCURRENCY (default 2)")
     add("--worker-connections", type=int, default=6000, help="the relay's RELAY_WORKER_CONNECTIONS (default 6000)")
     add("--keep-logs", action="store_true", help="keep the services' logs even when all went well")
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     info = machine()
     workdir = Path(tempfile.mkdtemp(prefix="chat-relay-bench-"))
-    relay = snapshot(args.relay_dir.resolve(), workdir / "relay", args.relay_ref)
+    relay = snapshot_of(args, workdir / "relay")
     modified = f", modified: {' '.join(relay['modified_files'])}" if relay["modified_files"] else ""
     _progress(f"benchmark of {relay['ref']} at {relay['commit']}{modified}")
     _progress(f"{len(chosen)} scenarios x {args.repetitions} runs; logs in {workdir}")

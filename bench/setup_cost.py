@@ -26,7 +26,7 @@ from bench.loadgen import Plan, run_streams
 from bench.processes import ROOT, Services
 from bench.procstats import cpu_seconds
 from bench.profile import ATTACH_SECONDS, hot_spots, py_spy
-from bench.relay_source import snapshot
+from bench.relay_source import add_source_options, snapshot_of
 from bench.run import RESULTS
 from bench.scenarios import RELAY_FORMATS, target_for, upstream_stats, warm_up
 from bench.upstream import raise_open_file_limit
@@ -39,12 +39,11 @@ def main() -> int:
     parser.add_argument("--format", default="relay-text", choices=RELAY_FORMATS)
     parser.add_argument("--runs", type=int, default=3, help="measurements on the same relay; all are printed")
     parser.add_argument("--profile", action="store_true", help="sample the worker with py-spy meanwhile")
-    parser.add_argument("--relay-dir", type=Path, default=ROOT, help="the relay checkout to measure (default: here)")
-    parser.add_argument("--relay-ref", help="measure this commit of --relay-dir (default: its working tree)")
+    add_source_options(parser)
     args = parser.parse_args()
     raise_open_file_limit()
     workdir = Path(tempfile.mkdtemp(prefix="chat-relay-setup-"))
-    source = snapshot(args.relay_dir.resolve(), workdir / "relay", args.relay_ref)
+    source = snapshot_of(args, workdir / "relay")
     print(f"{args.format} of {source['ref']} at {source['commit']}: {args.streams} one-token streams, "
           f"{args.concurrency} at a time, one worker")  # fmt: skip
     spy, collapsed = None, RESULTS / time.strftime(f"profile-setup-{args.format}-%Y%m%d-%H%M%S.txt")
