@@ -106,8 +106,9 @@ class Services:
         if service.proc.stdout is not None:
             service.proc.stdout.close()
 
-    def upstream(self) -> Service:
-        service = self._spawn("upstream", [sys.executable, "-m", "bench.upstream", "--port", "0"], pipe_stdout=True)
+    def upstream(self, close_after_answer: bool = False) -> Service:
+        argv = [sys.executable, "-m", "bench.upstream", "--port", "0"]
+        service = self._spawn("upstream", argv + ["--close-after-answer"] * close_after_answer, pipe_stdout=True)
         line = _read_line(service, START_SECONDS)
         service.port = int(line)
         return service

@@ -5,7 +5,8 @@ a fresh client connection as a browser's `fetch` opens, and prints the worker's 
 accepting, parsing, checking, the upstream call, the response head, one token, the end, the
 access log and the metrics. This is what the chat scenarios spread over 100 tokens and what sets
 their added time to first byte (requests arriving together wait for each other's set-up).
-``--profile`` also samples the worker with py-spy and prints its hottest functions.
+``--profile`` also samples the worker with py-spy and prints its hottest functions;
+``--new-connections`` has the upstream close after each answer, so every stream also opens one.
 """
 
 from __future__ import annotations
@@ -39,17 +40,18 @@ def main() -> int:
     parser.add_argument("--format", default="relay-text", choices=RELAY_FORMATS)
     parser.add_argument("--runs", type=int, default=3, help="measurements on the same relay; all are printed")
     parser.add_argument("--profile", action="store_true", help="sample the worker with py-spy meanwhile")
+    parser.add_argument("--new-connections", action="store_true", help="the upstream closes after each answer")
     add_source_options(parser)
     args = parser.parse_args()
     raise_open_file_limit()
     workdir = Path(tempfile.mkdtemp(prefix="chat-relay-setup-"))
     source = snapshot_of(args, workdir / "relay")
     print(f"{args.format} of {source['ref']} at {source['commit']}: {args.streams} one-token streams, "
-          f"{args.concurrency} at a time, one worker")  # fmt: skip
+          f"{args.concurrency} at a time, one worker{', a new upstream connection each' * args.new_connections}")  # fmt: skip
     spy, collapsed = None, RESULTS / time.strftime(f"profile-setup-{args.format}-%Y%m%d-%H%M%S.txt")
     try:
         with Services(workdir) as services:
-            upstream = services.upstream()
+            upstream = services.upstream(close_after_answer=args.new_connections)
             relay = services.relay(upstream.port, worker_connections=6000, workers=1, source=workdir / "relay")
             target = target_for(args.format, relay.port)
             warm_up(target)

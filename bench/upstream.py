@@ -183,7 +183,7 @@ class Connection:
             return
         body = self._buffer[head_end + 4 : body_end]
         self._buffer = self._buffer[body_end:]
-        self._keep_alive = headers.get("connection", "").lower() != "close"
+        self._keep_alive = headers.get("connection", "").lower() != "close" and not self.server.close_after_answer
         self._busy = True
         if method == "POST" and path == "/v1/chat/completions":
             self._start_answer(body)
@@ -218,7 +218,8 @@ class Connection:
 
 
 class UpstreamServer:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, close_after_answer: bool = False):
+        self.close_after_answer = close_after_answer  # every answer then needs a new connection
         self.loop = EventLoop()
         self.stats = Stats()
         self.listener = socket.create_server((host, port), backlog=8192)
@@ -252,9 +253,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="The benchmark's fake OpenAI-compatible upstream.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--close-after-answer", action="store_true", help="answer with Connection: close")
     args = parser.parse_args()
     raise_open_file_limit()
-    server = UpstreamServer(args.host, args.port)
+    server = UpstreamServer(args.host, args.port, args.close_after_answer)
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
