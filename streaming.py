@@ -900,7 +900,7 @@ class _Answer:
         _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
     def _fail(self, error: RelayError) -> None:
-        self.error = error
+        self.error = _without_traceback(error)
         self.outcome = error.outcome
 
 
@@ -1128,6 +1128,7 @@ class ResumableStream(_Answer):
         """Record and queue how the answer ended: its closing output, or its failure."""
         self._ending = True
         if error is not None:
+            error = _without_traceback(error)  # it waits in the queue, perhaps for a caller long gone
             tail = self.translator.error(error)
         _unstoppable(lambda: self._record(end=True))  # a stop landing now is too late: this is the end
         if error is None:
@@ -1304,6 +1305,14 @@ _TRANSPORT_ERRORS = (
     http.client.HTTPException,
     OSError,
 )
+
+
+def _without_traceback(error: RelayError) -> RelayError:
+    """``error`` as a stream keeps it (its code goes in the access log): without the traceback and the
+    exceptions it was raised from, whose frames hold the stream and its upstream response. Kept, they
+    would make a reference cycle that only a full garbage collection frees."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
 
 
 def _reading_error(exc: Exception, *, started: bool) -> RelayError:

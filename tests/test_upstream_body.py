@@ -7,12 +7,22 @@ import socket
 import weakref
 import zlib
 
+import gevent
 import pytest
 import urllib3
 from gevent import socket as gevent_socket
 
 from fake_upstream import sse_answer, stream_script
-from streaming import ChunkedDecoder, UpstreamBody, UpstreamClient, _HTTPConnection
+from resume import MemoryResumeStore, StreamRecording
+from streaming import (
+    ChunkedDecoder,
+    RelayStream,
+    ResumableStream,
+    TokenTranslator,
+    UpstreamBody,
+    UpstreamClient,
+    _HTTPConnection,
+)
 
 PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
 
@@ -112,5 +122,63 @@ def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream
         response_gone, raw_gone = weakref.ref(response), weakref.ref(response.raw)
         del response, body
         assert response_gone() is None and raw_gone() is None, "held by a reference cycle"
+    finally:
+        gc.enable()
+
+
+def cut_after(events):
+    """A script that sends ``events`` and closes the connection without ending the body."""
+
+    def script(conn):
+        conn.start(keep_alive=False)
+        for event in events:
+            conn.send(event)
+
+    return script
+
+
+def relay_stream(open_upstream):
+    return RelayStream(open_upstream, TokenTranslator(sse=True), read_timeout=5)
+
+
+def resumable_stream(open_upstream):
+    store = MemoryResumeStore(linger_seconds=30, live_seconds=60)
+    stream_id = store.create("")
+    recording = StreamRecording(store, stream_id, 30)
+    return ResumableStream(open_upstream, TokenTranslator(sse=True, stream_id=stream_id), recording=recording, read_timeout=5)
+
+
+@pytest.mark.parametrize("make_stream", [relay_stream, resumable_stream])
+@pytest.mark.parametrize("ending", ["complete", "error_event", "cut_short"])
+def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstream, ending, make_stream):
+    """However the answer ends, the stream and its upstream response go when the caller lets go of
+    them: a failure the stream keeps (for the access log) must not keep them through its traceback."""
+    answer = sse_answer(["one", "two"])
+    script = {
+        "complete": stream_script(answer),
+        "error_event": stream_script(answer[:2] + [b'data: {"error": {"message": "overloaded"}}\n\n']),
+        "cut_short": cut_after(answer[:2]),
+    }[ending]
+    payload = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
+    opened = []
+
+    def open_upstream():
+        response = client.open_stream("/chat/completions", payload)
+        opened.append(weakref.ref(response))
+        return response
+
+    gc.collect()
+    gc.disable()
+    try:
+        stream = make_stream(open_upstream)
+        output = stream.first() + b"".join(stream.rest())
+        stream.close()
+        gevent.sleep(0.05)  # a resumable answer's reader greenlet finishes its cleanup
+        assert (stream.error is None) == (ending == "complete"), output
+        assert (b"event: error" in output) == (ending != "complete"), output
+        stream_gone = weakref.ref(stream)
+        del stream
+        assert stream_gone() is None and opened[0]() is None, "held by a reference cycle"
     finally:
         gc.enable()
