@@ -165,8 +165,10 @@ def stream_script(events, *, delay=0.0, first_delay=0.0, **start):
 
 
 class FakeUpstream:
-    """The server: one thread per connection; one request per connection (it says Connection: close)
-    unless a script keeps the connection alive."""
+    """The server: one thread per connection. After a chunked answer the connection stays open for
+    the next request, as real upstreams' do, unless the script starts with keep_alive=False
+    (Connection: close) or sets ``conn.keep_alive = False``: a script that cuts its answer short by
+    closing the connection must do one of the two."""
 
     def __init__(self):
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)

@@ -242,7 +242,7 @@ def test_a_retry_after_beyond_the_cap_is_passed_to_the_caller_at_once(relay, ups
 
 def test_nothing_is_retried_once_a_byte_reached_the_caller(relay, upstream):
     def script(conn):
-        conn.start()
+        conn.start(keep_alive=False)  # then the connection is reset, not kept for another request
         conn.send(sse_answer(["a"])[0] + sse_answer(["a"])[1])
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
@@ -294,7 +294,7 @@ def thinking_after_first_event(hold: float = 20, every: float = 0.1):
     """After the first token, only bytes that carry nothing for the caller: comments and reasoning chunks."""
 
     def script(conn):
-        conn.start()
+        conn.start(keep_alive=False)  # and when the hold is over, the connection closes mid-answer
         conn.send(sse_answer(["first"])[0] + sse_answer(["first"])[1])
         quiet = [b": processing\n\n", f"data: {chunk(reasoning_content='hmm')}\n\n".encode()]
         for index in range(int(hold / every)):

@@ -53,7 +53,7 @@ def test_a_name_goes_through_the_thread_once_per_ttl(monkeypatch):
 
 def test_workers_use_it_and_start_no_resolver_thread_for_an_upstream_address(relay_factory, upstream):
     relay = relay_factory(fresh=True)  # its upstream is http://127.0.0.1:port: every connection is new
-    model = upstream.script(stream_script(sse_answer(["one"])))  # Connection: close, so each answer connects
+    model = upstream.script(stream_script(sse_answer(["one"]), keep_alive=False))  # so each answer connects
     for _ in range(5):
         assert relay.stream(model).text == "one"
     master = relay.proc.pid
