@@ -52,8 +52,13 @@ def post_worker_init(worker):
         totals["seconds"] += took
         totals["longest"] = max(totals["longest"], took)
 
+    def report(*_):
+        path = os.environ["BENCH_GC_REPORT"]
+        with open(path + ".partial", "w") as file:
+            json.dump(passes, file)
+        os.replace(path + ".partial", path)  # whole, or not there yet
+
     gc.callbacks.append(timed)
-    report = lambda *_: open(os.environ["BENCH_GC_REPORT"], "w").write(json.dumps(passes))
     signal.signal(signal.SIGUSR2, report)
 """
 
