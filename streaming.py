@@ -866,12 +866,15 @@ class _StreamWatch:
     def _run(self) -> None:
         while self._streams:
             gevent.sleep(self._tick)
-            now = time.monotonic()
-            for stream in list(self._streams):
-                try:
-                    stream._on_tick(now)
-                except Exception:
-                    log.exception("checking an open stream failed")
+            self._check_all(time.monotonic())
+
+    def _check_all(self, now: float) -> None:
+        # A frame of its own: its loop variable must not hold the last stream while the watch sleeps.
+        for stream in list(self._streams):
+            try:
+                stream._on_tick(now)
+            except Exception:
+                log.exception("checking an open stream failed")
 
 
 _watch = _StreamWatch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 import weakref
 import zlib
 
@@ -126,6 +127,9 @@ def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream
         gc.enable()
 
 
+PACE = 0.3  # seconds between events: over the answer, longer than the stream watch's tick (0.5 s)
+
+
 def cut_after(events):
     """A script that sends ``events`` and closes the connection without ending the body."""
 
@@ -133,6 +137,7 @@ def cut_after(events):
         conn.start(keep_alive=False)
         for event in events:
             conn.send(event)
+            time.sleep(PACE)
 
     return script
 
@@ -154,9 +159,9 @@ def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstre
     """However the answer ends, the stream and its upstream response go when the caller lets go of
     them: a failure the stream keeps (for the access log) must not keep them through its traceback."""
     answer = sse_answer(["one", "two"])
-    script = {
-        "complete": stream_script(answer),
-        "error_event": stream_script(answer[:2] + [b'data: {"error": {"message": "overloaded"}}\n\n']),
+    script = {  # paced so that the stream watch checks the stream at least once meanwhile
+        "complete": stream_script(answer, delay=PACE),
+        "error_event": stream_script(answer[:2] + [b'data: {"error": {"message": "overloaded"}}\n\n'], delay=PACE),
         "cut_short": cut_after(answer[:2]),
     }[ending]
     payload = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
