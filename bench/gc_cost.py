@@ -15,15 +15,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench.answers import StreamSpec
 from bench.loadgen import Plan, run_streams
 from bench.processes import Services
 from bench.procstats import cpu_seconds
-from bench.relay_source import add_source_options, snapshot_of
+from bench.relay_source import add_source_options, snapshot_in_new_workdir
 from bench.scenarios import target_for, warm_up
 from bench.upstream import raise_open_file_limit
 
@@ -70,8 +68,7 @@ def main() -> int:
     add_source_options(parser)
     args = parser.parse_args()
     raise_open_file_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="chat-relay-gc-"))
-    source = snapshot_of(args, workdir / "relay")
+    workdir, source = snapshot_in_new_workdir(args, "gc")
     (workdir / "relay" / "gc_probe.conf.py").write_text(PROBE_CONFIG)
     report = workdir / "gc.json"
     env = {"BENCH_GC_REPORT": str(report), **({"BENCH_GC_PYTHON_DEFAULTS": "1"} if args.python_defaults else {})}

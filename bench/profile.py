@@ -14,14 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 from bench.loadgen import run_streams
 from bench.processes import ROOT, Services
-from bench.relay_source import add_source_options, snapshot_of
+from bench.relay_source import add_source_options, snapshot_in_new_workdir
 from bench.run import RESULTS
 from bench.scenarios import RELAY_FORMATS, scenarios, target_for, warm_up
 from bench.upstream import raise_open_file_limit
@@ -78,8 +77,7 @@ def main() -> int:
     raise_open_file_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)
     collapsed = RESULTS / time.strftime(f"profile-{scenario.name}-{args.format}-%Y%m%d-%H%M%S.txt")
-    workdir = Path(tempfile.mkdtemp(prefix="chat-relay-profile-"))
-    source = snapshot_of(args, workdir / "relay")
+    workdir, source = snapshot_in_new_workdir(args, "profile")
     with Services(workdir) as services:
         upstream = services.upstream()
         relay = services.relay(upstream.port, worker_connections=6000, workers=2, source=workdir / "relay")

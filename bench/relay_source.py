@@ -11,6 +11,7 @@ import io
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from bench.processes import ROOT
@@ -28,9 +29,11 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relay-ref", help="measure this commit of --relay-dir (default: its working tree as the run starts)")
 
 
-def snapshot_of(args: argparse.Namespace, dest: Path) -> dict:
-    """``snapshot`` of what ``add_source_options`` parsed."""
-    return snapshot(args.relay_dir.resolve(), dest, args.relay_ref)
+def snapshot_in_new_workdir(args: argparse.Namespace, name: str) -> tuple[Path, dict]:
+    """A fresh work folder for a bench tool, with the relay ``add_source_options`` chose copied into
+    its ``relay`` folder; the folder, and what was copied (``describe``)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"chat-relay-{name}-"))
+    return workdir, snapshot(args.relay_dir.resolve(), workdir / "relay", args.relay_ref)
 
 
 def snapshot(repo: Path, dest: Path, ref: str | None) -> dict:

@@ -14,14 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
 from bench.processes import ROOT, Service, Services
-from bench.relay_source import add_source_options, snapshot_of
+from bench.relay_source import add_source_options, snapshot_in_new_workdir
 from bench.scenarios import RELAY_FORMATS, RESUME_FORMATS, Scenario, measure, scenarios, target_for
 from bench.upstream import raise_open_file_limit
 
@@ -155,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C does
     started = time.time()
     info = machine()
-    workdir = Path(tempfile.mkdtemp(prefix="chat-relay-bench-"))
-    relay = snapshot_of(args, workdir / "relay")
+    workdir, relay = snapshot_in_new_workdir(args, "bench")
     modified = f", modified: {' '.join(relay['modified_files'])}" if relay["modified_files"] else ""
     _progress(f"benchmark of {relay['ref']} at {relay['commit']}{modified}")
     _progress(f"{len(chosen)} scenarios x {args.repetitions} runs; logs in {workdir}")

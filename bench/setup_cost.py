@@ -16,10 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 from bench.answers import StreamSpec
 from bench.checks import check_stream
@@ -27,7 +25,7 @@ from bench.loadgen import Plan, run_streams
 from bench.processes import ROOT, Services
 from bench.procstats import cpu_seconds
 from bench.profile import ATTACH_SECONDS, hot_spots, py_spy
-from bench.relay_source import add_source_options, snapshot_of
+from bench.relay_source import add_source_options, snapshot_in_new_workdir
 from bench.run import RESULTS
 from bench.scenarios import RELAY_FORMATS, target_for, upstream_stats, warm_up
 from bench.upstream import raise_open_file_limit
@@ -44,8 +42,7 @@ def main() -> int:
     add_source_options(parser)
     args = parser.parse_args()
     raise_open_file_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="chat-relay-setup-"))
-    source = snapshot_of(args, workdir / "relay")
+    workdir, source = snapshot_in_new_workdir(args, "setup")
     print(f"{args.format} of {source['ref']} at {source['commit']}: {args.streams} one-token streams, "
           f"{args.concurrency} at a time, one worker{', a new upstream connection each' * args.new_connections}")  # fmt: skip
     spy, collapsed = None, RESULTS / time.strftime(f"profile-setup-{args.format}-%Y%m%d-%H%M%S.txt")
