@@ -99,32 +99,40 @@ def test_a_pooled_connection_is_usable_only_while_open_and_silent(wrapped):
         connection.sock.close()
 
 
-def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream):
+@pytest.fixture
+def collector_off():
+    """No cyclic garbage collection during the test: what a reference cycle holds stays held."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def open_answer(upstream, script):
+    """Call the fake upstream as the relay does; returns a function that opens ``script``'s answer."""
+    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
+    payload = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    return lambda: client.open_stream("/chat/completions", payload)
+
+
+def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream, collector_off):
     """No reference cycle: the response and all urllib3 hangs on it go when the stream does.
 
     A cycle would leave them to the collector, whose full passes over thousands of open streams
     stall a worker for hundreds of milliseconds; a body reading its socket directly once made one.
     """
-    model = upstream.script(stream_script(sse_answer(["one", "two"]), keep_alive=True))  # as real upstreams do
-    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
-    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    gc.collect()
-    gc.disable()
-    try:
-        response = client.open_stream("/chat/completions", payload)
-        body = UpstreamBody(response)
-        assert body.direct, "this is the body that reads the socket itself"
-        received = b""
-        while chunk := body.read():
-            received += chunk
-        assert b"one" in received and b"[DONE]" in received
-        body.finish()
-        body.close()
-        response_gone, raw_gone = weakref.ref(response), weakref.ref(response.raw)
-        del response, body
-        assert response_gone() is None and raw_gone() is None, "held by a reference cycle"
-    finally:
-        gc.enable()
+    response = open_answer(upstream, stream_script(sse_answer(["one", "two"])))()
+    body = UpstreamBody(response)
+    assert body.direct, "this is the body that reads the socket itself"
+    received = b""
+    while chunk := body.read():
+        received += chunk
+    assert b"one" in received and b"[DONE]" in received
+    body.finish()
+    body.close()
+    response_gone, raw_gone = weakref.ref(response), weakref.ref(response.raw)
+    del response, body
+    assert response_gone() is None and raw_gone() is None, "held by a reference cycle"
 
 
 PACE = 0.3  # seconds between events: over the answer, longer than the stream watch's tick (0.5 s)
@@ -155,7 +163,7 @@ def resumable_stream(open_upstream):
 
 @pytest.mark.parametrize("make_stream", [relay_stream, resumable_stream])
 @pytest.mark.parametrize("ending", ["complete", "error_event", "cut_short"])
-def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstream, ending, make_stream):
+def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstream, ending, make_stream, collector_off):
     """However the answer ends, the stream and its upstream response go when the caller lets go of
     them: a failure the stream keeps (for the access log) must not keep them through its traceback."""
     answer = sse_answer(["one", "two"])
@@ -164,26 +172,19 @@ def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstre
         "error_event": stream_script(answer[:2] + [b'data: {"error": {"message": "overloaded"}}\n\n'], delay=PACE),
         "cut_short": cut_after(answer[:2]),
     }[ending]
-    payload = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
-    opened = []
+    open_response, opened = open_answer(upstream, script), []
 
     def open_upstream():
-        response = client.open_stream("/chat/completions", payload)
+        response = open_response()
         opened.append(weakref.ref(response))
         return response
 
-    gc.collect()
-    gc.disable()
-    try:
-        stream = make_stream(open_upstream)
-        output = stream.first() + b"".join(stream.rest())
-        stream.close()
-        gevent.sleep(0.05)  # a resumable answer's reader greenlet finishes its cleanup
-        assert (stream.error is None) == (ending == "complete"), output
-        assert (b"event: error" in output) == (ending != "complete"), output
-        stream_gone = weakref.ref(stream)
-        del stream
-        assert stream_gone() is None and opened[0]() is None, "held by a reference cycle"
-    finally:
-        gc.enable()
+    stream = make_stream(open_upstream)
+    output = stream.first() + b"".join(stream.rest())
+    stream.close()
+    gevent.sleep(0.05)  # a resumable answer's reader greenlet finishes its cleanup
+    assert (stream.error is None) == (ending == "complete"), output
+    assert (b"event: error" in output) == (ending != "complete"), output
+    stream_gone = weakref.ref(stream)
+    del stream
+    assert stream_gone() is None and opened[0]() is None, "held by a reference cycle"
