@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Relay, free_port, wait_until_up
-from fake_upstream import sse_answer, stream_script
+from fake_upstream import FakeUpstream, sse_answer, stream_script
 from settings import load_settings
 from test_token_stream import TOKENS, assert_arrives_token_by_token
 
@@ -362,6 +362,44 @@ def test_streams_that_start_after_a_reload_are_not_cut_at_the_old_workers_deadli
     finally:
         front.stop()
         stop_after_reload(relay)
+
+
+def test_nginx_retries_a_post_once_when_a_kept_alive_relay_connection_closes_under_it(tmp_path):
+    """The reload race, made certain: an old worker closes a kept-alive connection just as nginx sends
+    the next stream on it. nginx must send that POST again on a new connection, not answer 502;
+    one that fails there too gets the 502 after those two tries."""
+    relay = FakeUpstream()  # stands in for the relay, so the test decides what each connection does
+    answered: set[int] = set()
+
+    def answer_once_per_connection(conn):
+        if conn.exchange.connection in answered:
+            conn.keep_alive = False  # read the request, then close: what an exiting worker does
+            return
+        answered.add(conn.exchange.connection)
+        conn.start(content_type="text/plain; charset=utf-8")
+        conn.send(b"answered")
+        conn.end()
+
+    def never_answer(conn):
+        conn.keep_alive = False
+
+    model = relay.script(answer_once_per_connection)
+    broken = relay.script(never_answer)
+    front = Nginx(relay, tmp_path)  # type: ignore[arg-type]  # it only needs the port
+    try:
+        first, second = front.stream(model), front.stream(model)
+        assert (first.status, first.text) == (200, "answered")
+        assert (second.status, second.text) == (200, "answered"), "nginx answered a closed keep-alive with an error"
+        exchanges = relay.seen(model)
+        assert [e.connection for e in exchanges][:2] == [exchanges[0].connection] * 2, "nginx did not reuse"
+        assert len(exchanges) == 3 and exchanges[2].connection != exchanges[0].connection, "not sent again"
+
+        failed = front.stream(broken)
+        assert failed.status == 502
+        assert len(relay.seen(broken)) == 2, "a POST failing on a kept-alive and then a new connection"
+    finally:
+        front.stop()
+        relay.close()
 
 
 def stop_after_reload(relay: Relay) -> None:
