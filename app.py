@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         read_timeout=settings.read_timeout,
         retries=settings.retries,
         pool_size=settings.worker_connections,
+        ca_bundle=settings.ca_bundle,
     )
     relay = app.extensions["relay"] = _Relay(settings, upstream)
     if settings.resume_seconds:

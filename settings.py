@@ -7,6 +7,7 @@ one-line message names the variable and the accepted form, and start-up stops th
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ class SettingsError(ValueError):
 class Settings:
     api_key: str | None = field(default=None, repr=False)
     base_url: str = DEFAULT_BASE_URL
+    ca_bundle: str | None = None
     demo: bool = False
     models: tuple[str, ...] = ()
     default_model: str | None = None
@@ -74,6 +76,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         api_key=None if demo else api_key,
         base_url=env.url("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+        ca_bundle=env.ca_bundle("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"),
         demo=demo,
         models=env.csv("RELAY_MODELS"),
         default_model=env.text("RELAY_DEFAULT_MODEL"),
@@ -159,6 +162,24 @@ class _Env:
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise SettingsError(f"{name}={raw!r}: expected an http(s) URL such as {DEFAULT_BASE_URL}")
         return raw.rstrip("/")
+
+    def ca_bundle(self, *names: str) -> str | None:
+        """The first of ``names`` that is set: CA certificates (a PEM file, or a directory of them)
+        an https upstream's certificate must chain to, instead of the bundled public ones."""
+        for name in names:
+            path = self.text(name)
+            if path is None:
+                continue
+            try:  # load it once here, so a wrong path fails start-up rather than every stream
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                if os.path.isdir(path):
+                    context.load_verify_locations(capath=path)
+                else:
+                    context.load_verify_locations(cafile=path)
+            except (OSError, ssl.SSLError):
+                raise SettingsError(f"{name}={path!r}: expected a readable PEM file of CA certificates") from None
+            return path
+        return None
 
     def redis_url(self, name: str) -> str | None:
         raw = self.text(name)

@@ -358,11 +358,13 @@ class UpstreamClient:
         read_timeout: float,
         retries: int,
         pool_size: int,
+        ca_bundle: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         register_secret(api_key)  # every error message built from upstream text is redacted of it
         self._timeout = (connect_timeout, read_timeout)
+        self._verify = ca_bundle or True  # True: certifi's public CAs, as requests has by default
         self._retries = retries
         self._session = requests.Session()  # only prepares requests; the adapter sends them
         self._session.trust_env = False  # a .netrc in the environment would replace the key
@@ -423,7 +425,7 @@ class UpstreamClient:
         while True:
             try:
                 prepared = self._prepare(method, path, body, accept)
-                response = self._adapter.send(prepared, stream=stream, timeout=self._timeout)
+                response = self._adapter.send(prepared, stream=stream, timeout=self._timeout, verify=self._verify)
             except requests.RequestException as exc:
                 error = _transport_error(exc)
                 retryable = isinstance(exc, requests.ConnectionError)  # ConnectTimeout too; ReadTimeout is not

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -41,6 +42,18 @@ def wait_until_up(proc: subprocess.Popen, probe, log, what: str, timeout: float)
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not become ready:\n{log()}")
+
+
+def make_certificate(cert: Path, key: Path) -> None:
+    """A self-signed certificate for 127.0.0.1: certbot's stand-in for the nginx site, and the https upstream's."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is missing (Debian package openssl): it makes the TLS test's certificate")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
 
 
 @dataclass
@@ -170,6 +183,19 @@ class Relay:
 def upstream():
     server = FakeUpstream()
     yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tls_upstream(tmp_path_factory):
+    """The fake upstream over https, with a self-signed certificate for 127.0.0.1; yields it and the
+    certificate's path, for the relay's REQUESTS_CA_BUNDLE."""
+    files = tmp_path_factory.mktemp("tls-upstream")
+    make_certificate(files / "cert.pem", files / "key.pem")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files / "cert.pem", files / "key.pem")
+    server = FakeUpstream(tls=context)
+    yield server, files / "cert.pem"
     server.close()
 
 

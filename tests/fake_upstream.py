@@ -12,6 +12,7 @@ import itertools
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -170,10 +171,11 @@ class FakeUpstream:
     (Connection: close) or sets ``conn.keep_alive = False``: a script that cuts its answer short by
     closing the connection must do one of the two."""
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port = self._listener.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._tls = tls  # serve https with this server context (a certificate for 127.0.0.1)
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1"
         self._scripts: dict[str, object] = {}
         self.exchanges: dict[str, list[Exchange]] = {}
         self.default_script = None
@@ -215,6 +217,13 @@ class FakeUpstream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = next(_ids)
         try:
+            if self._tls is not None:
+                sock.settimeout(10)  # a client that never finishes its handshake frees the thread
+                try:
+                    sock = self._tls.wrap_socket(sock, server_side=True)
+                except OSError:  # e.g. a client that does not trust the certificate
+                    return
+                sock.settimeout(None)
             while self._serve_one(sock, connection):
                 pass
         finally:

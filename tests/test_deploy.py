@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Relay, free_port, wait_until_up
+from conftest import ROOT, Relay, free_port, make_certificate, wait_until_up
 from fake_upstream import FakeUpstream, sse_answer, stream_script
 from settings import load_settings
 from test_token_stream import TOKENS, assert_arrives_token_by_token
@@ -126,18 +126,6 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
-
-
-def make_certificate(cert: Path, key: Path) -> None:
-    """A self-signed certificate for 127.0.0.1, as a stand-in for certbot's."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is missing (Debian package openssl): it makes the TLS test's certificate")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
 
 
 def request_from(address: str, port: int, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:

@@ -39,6 +39,8 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("WEB_CONCURRENCY", "0"),
         ("LOG_LEVEL", "LOUD"),
         ("RELAY_RESUME_SECONDS", "-5"),
+        ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_FILE", str(ROOT / "README.md")),  # readable, but no certificate in it
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):

@@ -1,0 +1,101 @@
+"""An https upstream, as api.openai.com is: the relay verifies it against REQUESTS_CA_BUNDLE or
+SSL_CERT_FILE, reads its TLS socket itself, reuses its connections, and closes it when the caller
+goes, exactly as over plain TCP. The fake upstream serves TLS with a certificate made per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import UPSTREAM_KEY
+from fake_upstream import sse_answer, stream_script
+from test_failures import open_and_abandon, silent_after_first_event
+from test_token_stream import TOKENS, assert_arrives_token_by_token, parse_sse
+
+
+@pytest.fixture(scope="module")
+def https_relay(relay_factory, tls_upstream):
+    server, certificate = tls_upstream
+    return relay_factory(OPENAI_BASE_URL=server.base_url, REQUESTS_CA_BUNDLE=certificate, RELAY_READ_TIMEOUT="1")
+
+
+@pytest.mark.parametrize("gzip_body", [False, True], ids=["identity", "gzip"])
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_tokens_from_an_https_upstream_arrive_one_by_one(https_relay, tls_upstream, sse, gzip_body):
+    server, _ = tls_upstream
+    model = server.script(stream_script(sse_answer(TOKENS), delay=0.15, gzip_body=gzip_body))
+    result = https_relay.stream(model, sse=sse)
+    assert result.status == 200 and result.complete, result.body
+    if sse:
+        events = parse_sse(result.body)
+        assert [json.loads(data)["content"] for _, data in events[1:-1]] == TOKENS and events[-1][0] == "done"
+    else:
+        assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+    [exchange] = server.seen(model)
+    assert exchange.request.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_https_upstream_connections_are_verified_and_reused(relay_factory, tls_upstream, variable):
+    server, certificate = tls_upstream
+    relay = relay_factory(OPENAI_BASE_URL=server.base_url, **{variable: certificate})
+    model = server.script(stream_script(sse_answer(["same", " socket"])))
+    for _ in range(3):
+        result = relay.stream(model)
+        assert (result.status, result.text, result.complete) == (200, "same socket", True)
+    connections = {exchange.connection for exchange in server.seen(model)}
+    assert len(connections) == 1, f"each answer opened a new TLS connection: {connections}"
+
+
+def test_a_long_answer_in_large_tls_records_arrives_whole_and_in_order(https_relay, tls_upstream):
+    """Writes far larger than a TLS record (16 KiB) and a read (16 KiB): what the relay has decrypted
+    but not yet read must not wait for the socket to turn readable again."""
+    tokens = [f"<{index:05d}>" for index in range(6000)]
+    events = sse_answer(tokens)
+    server, _ = tls_upstream
+
+    def script(conn):
+        conn.start()
+        for start in range(0, len(events), 1500):  # ~100 KiB per write
+            conn.send(b"".join(events[start : start + 1500]))
+        conn.end()
+
+    result = https_relay.stream(server.script(script))
+    assert result.complete and result.text == "".join(tokens)
+
+
+def test_silence_from_an_https_upstream_between_tokens_ends_the_answer_as_a_timeout(https_relay, tls_upstream):
+    server, _ = tls_upstream
+
+    def first_token_then_silence(conn):
+        conn.start()
+        conn.send(b"".join(sse_answer(["first"])[:2]))
+        conn.sleep_unless_hangup(5)
+
+    result = https_relay.stream(server.script(first_token_then_silence), sse=True)
+    events = parse_sse(result.body)
+    assert json.loads(events[1][1])["content"] == "first"
+    assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == "upstream_timeout", events
+
+
+def test_client_abort_closes_an_https_upstream_while_silent(relay_factory, tls_upstream):
+    server, certificate = tls_upstream
+    relay = relay_factory(OPENAI_BASE_URL=server.base_url, REQUESTS_CA_BUNDLE=certificate)
+    model = server.script(silent_after_first_event())
+    gone_at = open_and_abandon(relay, model)
+    exchange = server.wait_seen(model)[0]
+    assert exchange.finished.wait(5), "the upstream request was never closed"
+    assert exchange.closed_by_peer_at is not None
+    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+
+
+def test_an_https_upstream_whose_certificate_is_not_trusted_is_a_502(relay_factory, tls_upstream):
+    server, _ = tls_upstream
+    relay = relay_factory(OPENAI_BASE_URL=server.base_url, RELAY_RETRIES="0")  # public CAs only
+    model = server.script(stream_script(sse_answer(TOKENS)))
+    result = relay.stream(model)
+    assert result.status == 502 and result.json()["error"]["code"] == "upstream_error", result.body
+    assert server.seen(model) == [], "the question went to an upstream the relay could not verify"
+    assert UPSTREAM_KEY.encode() not in result.body and UPSTREAM_KEY not in relay.log()
