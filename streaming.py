@@ -18,6 +18,7 @@ import logging
 import random
 import re
 import socket
+import ssl
 import time
 import zlib
 from typing import Callable, Iterator
@@ -641,18 +642,23 @@ class _WaitingSocket:
     system call and an exception) before gevent waits for the same event. (A class of its own, not a
     method of UpstreamBody kept in an attribute: that would be a reference cycle, and the finished
     response would wait for the garbage collector instead of going when its stream does.)
+
+    A TLS socket may hold bytes already decrypted while its file descriptor has nothing to read:
+    those are read without waiting. Readable, it may still hold only part of a TLS record; gevent's
+    ``recv`` then waits for the rest itself.
     """
 
-    __slots__ = ("_recv", "_hub", "_readable", "_drained")
+    __slots__ = ("_recv", "_decrypted", "_hub", "_readable", "_drained")
 
     def __init__(self, sock):
         self._recv = sock.recv
+        self._decrypted = getattr(sock, "pending", _nothing_decrypted)
         self._hub = gevent.get_hub()
         self._readable = self._hub.loop.io(sock.fileno(), 1)
         self._drained = False
 
     def read1(self, limit: int) -> bytes:
-        if self._drained:
+        if self._drained and not self._decrypted():
             self._hub.wait(self._readable)
         data = self._recv(limit)
         self._drained = len(data) < limit
@@ -660,6 +666,11 @@ class _WaitingSocket:
 
     def close(self) -> None:
         self._readable.close()
+
+
+def _nothing_decrypted() -> int:
+    """A plain socket's ``pending()``: no TLS layer, so nothing is held above the file descriptor."""
+    return 0
 
 
 class UpstreamBody:
@@ -670,11 +681,11 @@ class UpstreamBody:
     x-gzip or deflate) this reads the connection directly, once per read, and decodes with
     ``ChunkedDecoder`` and zlib. Anything else goes through urllib3 unchanged.
 
-    Over plain TCP, on a connection that stays open for reuse (a chunked or length-delimited body),
+    On a connection that stays open for reuse (a chunked or length-delimited body), plain or TLS,
     it reads the socket itself: a stream waiting for its next token then holds no read buffer (a
     buffered reader's ``read1`` holds one of the size asked for the whole wait) and http.client's
-    own 8 KiB buffer is freed, 24 KiB less per open stream. Otherwise (TLS, or a read-to-close body,
-    whose socket http.client keeps to itself) it reads http.client's buffered file object.
+    own 8 KiB buffer is freed, 24 KiB less per open stream. A read-to-close body, whose socket
+    http.client keeps to itself, is read through http.client's buffered file object.
     """
 
     def __init__(self, response: requests.Response):
@@ -693,9 +704,8 @@ class UpstreamBody:
         self._chunked = ChunkedDecoder() if self._http.chunked else None
         self._left = self._http.length  # None: read to close
         self._early = b""  # body bytes that arrived with the head
-        connection = getattr(raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is None or isinstance(connection, urllib3.connection.HTTPSConnection):
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        if sock is None:
             self._recv = source.read1
         else:
             self._early = self._take_socket(source, sock)
@@ -712,6 +722,8 @@ class UpstreamBody:
         sock.settimeout(0.0)  # what came with the head is buffered, or in the socket now: no waiting
         try:
             early = source.peek()
+        except ssl.SSLWantReadError:  # TLS's "nothing yet"; a plain socket's is an empty peek
+            early = b""
         finally:
             sock.settimeout(None)  # the stream watch owns the read timeout
         self._http._close_conn()  # frees its buffer; the socket stays open, for the pool

@@ -117,12 +117,27 @@ class Services:
         port = free_port()
         conf = self.workdir / "nginx.conf"
         conf.write_text(nginx_config(self.workdir, port, upstream_port))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        argv = [nginx, "-p", str(self.workdir), "-e", str(self.workdir / "nginx-error.log"), "-c", str(conf),
-                "-g", "daemon off;"]  # fmt: skip
-        service = self._spawn("nginx", argv, port=port)
+        service = self._spawn("nginx", _nginx_argv(self.workdir, conf, "nginx-error.log"), port=port)
         _wait_ready(service, "/healthz")  # proxied: the fake upstream's 404 proves the path works
         return service
+
+    def tls_front(self, upstream_port: int) -> tuple[Service, Path]:
+        """nginx serving the fake upstream over https, as api.openai.com is served; returns it and the
+        certificate (self-signed, for 127.0.0.1) a relay must trust."""
+        port, folder = free_port(), self._fresh_dir("tls-front")
+        certificate, key = folder / "cert.pem", folder / "key.pem"
+        make_certificate(certificate, key)
+        conf = folder / "nginx.conf"
+        conf.write_text(nginx_config(folder, port, upstream_port, tls=(certificate, key)))
+        service = self._spawn("tls-front", _nginx_argv(folder, conf, "error.log"), port=port)
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:  # listening is enough: the plain nginx has proved the proxying
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return service, certificate
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the TLS front did not start:\n{service.log_tail()}")
 
     def redis(self) -> Service:
         port = free_port()
@@ -201,13 +216,33 @@ def _wait_ready(service: Service, path: str) -> None:
     raise RuntimeError(f"{service.name} did not answer {path} within {START_SECONDS}s:\n{service.log_tail()}")
 
 
-def nginx_config(workdir: Path, port: int, upstream_port: int) -> str:
+def make_certificate(cert: Path, key: Path) -> None:
+    """A self-signed certificate for 127.0.0.1, valid for a day, with the openssl command."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+
+def _nginx_argv(prefix: Path, conf: Path, error_log: str) -> list[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [nginx, "-p", str(prefix), "-e", str(prefix / error_log), "-c", str(conf), "-g", "daemon off;"]
+
+
+def nginx_config(workdir: Path, port: int, upstream_port: int, tls: tuple[Path, Path] | None = None) -> str:
     """nginx as a plain streaming proxy: the floor any relay is measured against.
 
     Two workers, like the relay's two gunicorn workers on this 2-core machine, with `reuseport` so the
     kernel splits connections evenly between them; each worker's connection count covers its share of
-    10,000 streams (two connections each) within the open-file hard limit.
+    10,000 streams (two connections each) within the open-file hard limit. With ``tls`` (certificate,
+    key) it serves https instead.
     """
+    listen_tls, certificate = "", ""
+    if tls is not None:
+        listen_tls = " ssl"
+        certificate = f"ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};"
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     files = hard if hard != resource.RLIM_INFINITY else 65536
     temp = {name: workdir / f"nginx-{name}" for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
@@ -232,7 +267,8 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        listen 127.0.0.1:{port}{listen_tls} backlog=4096 reuseport;
+        {certificate}
         location / {{
             proxy_pass http://fake_upstream;
             proxy_http_version 1.1;

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_source_options(parser)
     add("--workers", type=int, default=2, help="the relay's WEB_CONCURRENCY (default 2)")
     add("--worker-connections", type=int, default=6000, help="the relay's RELAY_WORKER_CONNECTIONS (default 6000)")
+    add("--tls-upstream", action="store_true",
+        help="relays call the upstream over https (nginx in front of it, as a TLS server); the direct and nginx runs do not")
     add("--keep-logs", action="store_true", help="keep the services' logs even when all went well")
     args = parser.parse_args(argv)
     if args.repetitions is None:
@@ -105,6 +107,7 @@ class Bench:
     relay_copy: Path
     args: argparse.Namespace
     redis: Service | None = None  # started for the first relay-resume-redis run
+    upstream_env: dict | None = None  # how relays reach the upstream, when not at its plain http port
 
     def measure_target(self, scenario: Scenario, name: str, repetition: int) -> dict:
         relay = redis = None
@@ -113,9 +116,9 @@ class Bench:
         elif name == "nginx":
             service = self.nginx
         else:
-            args, env = self.args, None
+            args, env = self.args, dict(self.upstream_env or {})
             if name in RESUME_FORMATS:
-                env = {"RELAY_RESUME_SECONDS": "60"}  # without Redis, gunicorn runs one worker
+                env["RELAY_RESUME_SECONDS"] = "60"  # without Redis, gunicorn runs one worker
             if name == "relay-resume-redis":
                 if self.redis is None:
                     self.redis = self.services.redis()
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         with Services(workdir) as services:
             upstream = services.upstream()
             bench = Bench(services, upstream, services.nginx(upstream.port), workdir / "relay", args)
+            if args.tls_upstream:
+                front, certificate = services.tls_front(upstream.port)
+                bench.upstream_env = {"OPENAI_BASE_URL": f"https://127.0.0.1:{front.port}/v1",
+                                      "REQUESTS_CA_BUNDLE": str(certificate)}  # fmt: skip
             for repetition in range(args.repetitions):
                 repetitions.append(report.compare(bench.repetition(chosen, repetition)))
     except KeyboardInterrupt:

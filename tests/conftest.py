@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.processes
 from fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +48,8 @@ def wait_until_up(proc: subprocess.Popen, probe, log, what: str, timeout: float)
 def make_certificate(cert: Path, key: Path) -> None:
     """A self-signed certificate for 127.0.0.1: certbot's stand-in for the nginx site, and the https upstream's."""
     if shutil.which("openssl") is None:
-        pytest.fail("openssl is missing (Debian package openssl): it makes the TLS test's certificate")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+        pytest.fail("openssl is missing (Debian package openssl): it makes the TLS tests' certificates")
+    bench.processes.make_certificate(cert, key)
 
 
 @dataclass

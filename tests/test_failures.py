@@ -270,6 +270,13 @@ def open_and_abandon(relay, model: str, read_first: bool = True) -> float:
     return time.monotonic()
 
 
+def assert_upstream_closed_within_2s(exchange, gone_at: float) -> None:
+    """The contract's promise: the upstream request is closed within 2 s of the caller leaving."""
+    assert exchange.finished.wait(5), "the upstream request was never closed"
+    assert exchange.closed_by_peer_at is not None, "the upstream finished its answer; nobody hung up"
+    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+
+
 def silent_after_first_event(hold: float = 20):
     def script(conn):
         conn.start()
@@ -283,9 +290,7 @@ def test_client_abort_closes_upstream_while_silent(relay, upstream):
     model = upstream.script(silent_after_first_event())
     gone_at = open_and_abandon(relay, model)
     exchange = upstream.wait_seen(model)[0]
-    assert exchange.finished.wait(5), "the upstream request was never closed"
-    assert exchange.closed_by_peer_at is not None
-    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+    assert_upstream_closed_within_2s(exchange, gone_at)
     [line] = relay.wait_access_line("/api/stream_chat_completion", model=model)
     assert line["outcome"] == "client_disconnect"
 
@@ -320,15 +325,14 @@ def test_client_abort_closes_upstream_while_it_sends_nothing_for_the_caller(rela
     sock.close()
     gone_at = time.monotonic()
     exchange = upstream.wait_seen(model)[0]
-    assert exchange.finished.wait(5), "the upstream request was never closed"
-    assert exchange.closed_by_peer_at - gone_at < 2.0, f"closed after {exchange.closed_by_peer_at - gone_at:.2f}s"
+    assert_upstream_closed_within_2s(exchange, gone_at)
 
 
 def test_client_abort_before_the_first_event_closes_upstream(relay, upstream):
     model = upstream.script(lambda conn: conn.sleep_unless_hangup(20))
     gone_at = open_and_abandon(relay, model, read_first=False)
     exchange = upstream.wait_seen(model)[0]
-    assert exchange.finished.wait(5) and exchange.closed_by_peer_at - gone_at < 2.0
+    assert_upstream_closed_within_2s(exchange, gone_at)
 
 
 def _worker_pids(master: int) -> list[int]:

@@ -48,6 +48,16 @@ def assert_arrives_token_by_token(result, expected_pieces: int, spacing: float):
     assert sum(gap > spacing * 0.5 for gap in gaps) >= len(gaps) - 1, f"tokens were buffered: gaps {gaps}"
 
 
+def assert_whole_answer(result, sse: bool) -> None:
+    """TOKENS, complete: as token events between `meta` and `done`, or as the plain text."""
+    assert result.status == 200 and result.complete, result.body
+    if sse:
+        events = parse_sse(result.body)
+        assert [json.loads(data)["content"] for _, data in events[1:-1]] == TOKENS and events[-1][0] == "done"
+    else:
+        assert result.text == "".join(TOKENS)
+
+
 def test_plain_text_body_is_the_concatenated_tokens_with_the_express_headers(relay, upstream):
     model = upstream.script(stream_script(sse_answer(TOKENS, usage={"completion_tokens": 6})))
     result = relay.stream(model)
@@ -111,12 +121,7 @@ def test_an_upstream_that_closes_after_each_answer_is_relayed_alike(relay, upstr
     instead (as over TLS). Same tokens, same pacing, same end."""
     script = stream_script(sse_answer(TOKENS), delay=0.15, keep_alive=False, gzip_body=gzip_body)
     result = relay.stream(upstream.script(script), sse=sse)
-    assert result.status == 200 and result.complete
-    if sse:
-        events = parse_sse(result.body)
-        assert [json.loads(data)["content"] for _, data in events[1:-1]] == TOKENS and events[-1][0] == "done"
-    else:
-        assert result.text == "Hello, world!"
+    assert_whole_answer(result, sse)
     assert_arrives_token_by_token(result, len(TOKENS), 0.15)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import time
 import weakref
@@ -108,9 +109,11 @@ def collector_off():
     gc.enable()
 
 
-def open_answer(upstream, script):
+def open_answer(upstream, script, ca_bundle=None):
     """Call the fake upstream as the relay does; returns a function that opens ``script``'s answer."""
-    client = UpstreamClient(upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2)
+    client = UpstreamClient(
+        upstream.base_url, "sk-test", connect_timeout=5, read_timeout=5, retries=0, pool_size=2, ca_bundle=ca_bundle
+    )
     payload = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": True}
     return lambda: client.open_stream("/chat/completions", payload)
 
@@ -133,6 +136,28 @@ def test_a_finished_body_goes_without_waiting_for_the_garbage_collector(upstream
     response_gone, raw_gone = weakref.ref(response), weakref.ref(response.raw)
     del response, body
     assert response_gone() is None and raw_gone() is None, "held by a reference cycle"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_kept_alive_body_reads_its_socket_not_http_clients_buffer(scheme, upstream, tls_upstream):
+    """Plain or TLS, the body is read from the connection's socket and http.client's 8 KiB buffer is
+    freed as soon as the head is parsed (what a waiting stream holds is in docs/BENCHMARKS.md)."""
+    server, ca_bundle = (upstream, None) if scheme == "http" else tls_upstream
+    events = sse_answer([f"token{index} " for index in range(50)])
+    open_one = open_answer(server, stream_script(events, delay=0.01), ca_bundle=ca_bundle and str(ca_bundle))
+    connections = set()
+    for _ in range(2):
+        response = open_one()
+        body = UpstreamBody(response)
+        assert body._socket is not None and body._http.fp is None, "read through http.client's buffer"
+        received = b""
+        while chunk := body.read():
+            received += chunk
+        assert received == b"".join(events)
+        body.finish()
+        body.close()
+        connections.update(e.connection for e in server.seen(json.loads(response.request.body)["model"]))
+    assert len(connections) == 1, "the connection was not given back for reuse"
 
 
 PACE = 0.3  # seconds between events: over the answer, longer than the stream watch's tick (0.5 s)
