@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import certifi
+
 from bench.procstats import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,10 +125,12 @@ class Services:
 
     def tls_front(self, upstream_port: int) -> tuple[Service, Path]:
         """nginx serving the fake upstream over https, as api.openai.com is served; returns it and the
-        certificate (self-signed, for 127.0.0.1) a relay must trust."""
+        CA bundle a relay must trust: certifi's public CAs, which a relay calling api.openai.com
+        loads, plus the front's self-signed certificate for 127.0.0.1."""
         port, folder = free_port(), self._fresh_dir("tls-front")
-        certificate, key = folder / "cert.pem", folder / "key.pem"
+        certificate, key, bundle = folder / "cert.pem", folder / "key.pem", folder / "ca-bundle.pem"
         make_certificate(certificate, key)
+        bundle.write_text(Path(certifi.where()).read_text() + certificate.read_text())
         conf = folder / "nginx.conf"
         conf.write_text(nginx_config(folder, port, upstream_port, tls=(certificate, key)))
         service = self._spawn("tls-front", _nginx_argv(folder, conf, "error.log"), port=port)
@@ -134,7 +138,7 @@ class Services:
         while time.monotonic() < deadline:  # listening is enough: the plain nginx has proved the proxying
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return service, certificate
+                return service, bundle
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"the TLS front did not start:\n{service.log_tail()}")

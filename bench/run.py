@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=2, help="the relay's WEB_CONCURRENCY (default 2)")
     add("--worker-connections", type=int, default=6000, help="the relay's RELAY_WORKER_CONNECTIONS (default 6000)")
     add("--tls-upstream", action="store_true",
-        help="relays call the upstream over https (nginx in front of it, as a TLS server); the direct and nginx runs do not")
+        help="relays call the upstream over https (nginx in front of it, as a TLS server), trusting a CA bundle as large "
+             "as certifi's; the direct and nginx runs do not")
     add("--keep-logs", action="store_true", help="keep the services' logs even when all went well")
     args = parser.parse_args(argv)
     if args.repetitions is None:
@@ -167,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             upstream = services.upstream()
             bench = Bench(services, upstream, services.nginx(upstream.port), workdir / "relay", args)
             if args.tls_upstream:
-                front, certificate = services.tls_front(upstream.port)
+                front, ca_bundle = services.tls_front(upstream.port)
                 bench.upstream_env = {"OPENAI_BASE_URL": f"https://127.0.0.1:{front.port}/v1",
-                                      "REQUESTS_CA_BUNDLE": str(certificate)}  # fmt: skip
+                                      "REQUESTS_CA_BUNDLE": str(ca_bundle)}  # fmt: skip
             for repetition in range(args.repetitions):
                 repetitions.append(report.compare(bench.repetition(chosen, repetition)))
     except KeyboardInterrupt:

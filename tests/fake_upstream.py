@@ -175,6 +175,7 @@ class FakeUpstream:
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port = self._listener.getsockname()[1]
         self._tls = tls  # serve https with this server context (a certificate for 127.0.0.1)
+        self.failed_handshakes = 0
         self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1"
         self._scripts: dict[str, object] = {}
         self.exchanges: dict[str, list[Exchange]] = {}
@@ -222,6 +223,7 @@ class FakeUpstream:
                 try:
                     sock = self._tls.wrap_socket(sock, server_side=True)
                 except OSError:  # e.g. a client that does not trust the certificate
+                    self.failed_handshakes += 1
                     return
                 sock.settimeout(None)
             while self._serve_one(sock, connection):

@@ -84,11 +84,20 @@ def test_client_abort_closes_an_https_upstream_while_silent(relay_factory, tls_u
     assert_upstream_closed_within_2s(exchange, gone_at)
 
 
-def test_an_https_upstream_whose_certificate_is_not_trusted_is_a_502(relay_factory, tls_upstream):
-    server, _ = tls_upstream
-    relay = relay_factory(OPENAI_BASE_URL=server.base_url, RELAY_RETRIES="0")  # public CAs only
+@pytest.mark.parametrize("why", ["untrusted", "other_name"])
+def test_an_https_upstream_the_relay_cannot_verify_gets_nothing_and_the_caller_a_502(relay_factory, tls_upstream, why):
+    """Not signed by a CA the relay trusts, or a certificate for another name (it is for 127.0.0.1
+    only, and the relay calls "localhost"): the handshake fails, so the key and the question stay."""
+    server, certificate = tls_upstream
+    if why == "untrusted":
+        relay = relay_factory(OPENAI_BASE_URL=server.base_url, RELAY_RETRIES="0")  # public CAs only
+    else:
+        base_url = server.base_url.replace("127.0.0.1", "localhost")
+        relay = relay_factory(OPENAI_BASE_URL=base_url, REQUESTS_CA_BUNDLE=certificate, RELAY_RETRIES="0")
     model = server.script(stream_script(sse_answer(TOKENS)))
+    refused = server.failed_handshakes
     result = relay.stream(model)
     assert result.status == 502 and result.json()["error"]["code"] == "upstream_error", result.body
+    assert server.failed_handshakes > refused, "the relay never reached the upstream: this tests nothing"
     assert server.seen(model) == [], "the question went to an upstream the relay could not verify"
     assert UPSTREAM_KEY.encode() not in result.body and UPSTREAM_KEY not in relay.log()
