@@ -164,20 +164,19 @@ class _Env:
         return raw.rstrip("/")
 
     def ca_bundle(self, *names: str) -> str | None:
-        """The first of ``names`` that is set: CA certificates (a PEM file, or a directory of them)
-        an https upstream's certificate must chain to, instead of the bundled public ones."""
+        """The first of ``names`` that is set: a PEM file of the CA certificates an https upstream's
+        certificate must chain to, instead of the bundled public ones."""
         for name in names:
             path = self.text(name)
             if path is None:
                 continue
-            try:  # load it once here, so a wrong path fails start-up rather than every stream
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                if os.path.isdir(path):
-                    context.load_verify_locations(capath=path)
-                else:
-                    context.load_verify_locations(cafile=path)
+            expected = f"{name}={path!r}: expected a readable PEM file of CA certificates"
+            if os.path.isdir(path):  # accepted by OpenSSL without a look inside, and useless unless hashed
+                raise SettingsError(f"{expected}, not a directory (e.g. /etc/ssl/certs/ca-certificates.crt)")
+            try:  # load it once here, so a wrong file fails start-up rather than every stream
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
             except (OSError, ssl.SSLError):
-                raise SettingsError(f"{name}={path!r}: expected a readable PEM file of CA certificates") from None
+                raise SettingsError(expected) from None
             return path
         return None
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email.utils
 import http.client
 import logging
-import os
 import random
 import re
 import socket
@@ -501,11 +500,7 @@ class _UpstreamAdapter(HTTPAdapter):
 
     def __init__(self, ca_bundle: str | None, **kwargs):
         self._tls = urllib3.util.ssl_.create_urllib3_context()  # urllib3's defaults; verification required
-        cas = ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH  # certifi's, as requests has by default
-        if os.path.isdir(cas):
-            self._tls.load_verify_locations(capath=cas)
-        else:
-            self._tls.load_verify_locations(cafile=cas)
+        self._tls.load_verify_locations(cafile=ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH)  # certifi's by default
         super().__init__(**kwargs)
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
@@ -672,9 +667,9 @@ class _WaitingSocket:
     method of UpstreamBody kept in an attribute: that would be a reference cycle, and the finished
     response would wait for the garbage collector instead of going when its stream does.)
 
-    A TLS socket may hold bytes already decrypted while its file descriptor has nothing to read:
-    those are read without waiting. Readable, it may still hold only part of a TLS record; gevent's
-    ``recv`` then waits for the rest itself.
+    A TLS socket may hold bytes already decrypted while its file descriptor has nothing to read (the
+    rest of a record that a read did not empty): those are read without waiting. Readable, it may
+    still hold only part of a record; gevent's ``recv`` then waits for the rest itself.
     """
 
     __slots__ = ("_recv", "_decrypted", "_hub", "_readable", "_drained")
@@ -751,7 +746,7 @@ class UpstreamBody:
         sock.settimeout(0.0)  # what came with the head is buffered, or in the socket now: no waiting
         try:
             early = source.peek()
-        except ssl.SSLWantReadError:  # TLS's "nothing yet"; a plain socket's is an empty peek
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):  # TLS's "nothing yet"; plain gives b""
             early = b""
         finally:
             sock.settimeout(None)  # the stream watch owns the read timeout

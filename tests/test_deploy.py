@@ -190,6 +190,7 @@ def test_nginx_passes_the_callers_request_id_or_makes_one_both_logs_share(nginx,
     made = nginx.request("GET", "/healthz").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", made), f"expected nginx's $request_id, got {made!r}"
     assert proxied_relay.wait_access_line("/healthz", request_id=made)
+    wait_for(lambda: f"rid={made} " in nginx.access_log(), 5)  # nginx logs once the response is out
     assert f"rid={made} " in nginx.access_log(), "nginx's access log lacks the request ID the relay used"
 
 
@@ -355,7 +356,7 @@ def test_streams_that_start_after_a_reload_are_not_cut_at_the_old_workers_deadli
 def test_nginx_retries_a_post_once_when_a_kept_alive_relay_connection_closes_under_it(tmp_path):
     """The reload race, made certain: an old worker closes a kept-alive connection just as nginx sends
     the next stream on it. nginx must send that POST again on a new connection, not answer 502;
-    one that fails there too gets the 502 after those two tries."""
+    one that fails there too gets the 502, and one whose answer had begun is never sent again."""
     relay = FakeUpstream()  # stands in for the relay, so the test decides what each connection does
     answered: set[int] = set()
 
@@ -371,8 +372,13 @@ def test_nginx_retries_a_post_once_when_a_kept_alive_relay_connection_closes_und
     def never_answer(conn):
         conn.keep_alive = False
 
+    def start_then_hang_up(conn):
+        conn.start(content_type="text/plain; charset=utf-8", keep_alive=False)
+        conn.send(b"half")
+
     model = relay.script(answer_once_per_connection)
     broken = relay.script(never_answer)
+    started = relay.script(start_then_hang_up)
     front = Nginx(relay, tmp_path)  # type: ignore[arg-type]  # it only needs the port
     try:
         first, second = front.stream(model), front.stream(model)
@@ -385,6 +391,10 @@ def test_nginx_retries_a_post_once_when_a_kept_alive_relay_connection_closes_und
         failed = front.stream(broken)
         assert failed.status == 502
         assert len(relay.seen(broken)) == 2, "a POST failing on a kept-alive and then a new connection"
+
+        cut = front.stream(started)  # once the relay's answer has begun, never again
+        assert (cut.status, cut.text, cut.complete) == (200, "half", False)
+        assert len(relay.seen(started)) == 1, "a POST was sent again after its answer had started"
     finally:
         front.stop()
         relay.close()

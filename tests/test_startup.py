@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import certifi
 import pytest
 
 from conftest import ROOT, Relay, free_port
@@ -41,6 +42,7 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("RELAY_RESUME_SECONDS", "-5"),
         ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
         ("SSL_CERT_FILE", str(ROOT / "README.md")),  # readable, but no certificate in it
+        ("REQUESTS_CA_BUNDLE", str(ROOT / "tests")),  # a directory: OpenSSL would take it unread
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
@@ -75,6 +77,13 @@ def test_settings_defaults_match_the_contract():
     assert load_settings({**BASE, "RELAY_RESUME_SECONDS": "0"}).resume_seconds == 0
     assert load_settings({**BASE, "RELAY_RESUME_SECONDS": "90"}).resume_seconds == 90
     assert "sk-test" not in repr(settings), "the key must not appear in the settings' repr"
+
+
+def test_requests_ca_bundle_is_the_ca_file_when_both_variables_are_set():
+    bundle = certifi.where()
+    assert load_settings({**BASE, "REQUESTS_CA_BUNDLE": bundle, "SSL_CERT_FILE": "/nonexistent"}).ca_bundle == bundle
+    assert load_settings({**BASE, "SSL_CERT_FILE": bundle}).ca_bundle == bundle
+    assert load_settings(BASE).ca_bundle is None
 
 
 def test_a_keyless_upstream_is_allowed_when_the_base_url_is_explicit():
