@@ -500,7 +500,7 @@ class _UpstreamAdapter(HTTPAdapter):
 
     def __init__(self, ca_bundle: str | None, **kwargs):
         self._tls = urllib3.util.ssl_.create_urllib3_context()  # urllib3's defaults; verification required
-        self._tls.load_verify_locations(cafile=ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH)  # certifi's by default
+        self._tls.load_verify_locations(cafile=ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH)  # else certifi's
         super().__init__(**kwargs)
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):

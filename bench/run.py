@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=2, help="the relay's WEB_CONCURRENCY (default 2)")
     add("--worker-connections", type=int, default=6000, help="the relay's RELAY_WORKER_CONNECTIONS (default 6000)")
     add("--tls-upstream", action="store_true",
-        help="relays call the upstream over https (nginx in front of it, as a TLS server), trusting a CA bundle as large "
-             "as certifi's; the direct and nginx runs do not")
+        help="relays call the upstream over https (nginx in front of it, as a TLS server), trusting a CA "
+             "bundle as large as certifi's; the direct and nginx runs do not")
     add("--keep-logs", action="store_true", help="keep the services' logs even when all went well")
     args = parser.parse_args(argv)
     if args.repetitions is None:

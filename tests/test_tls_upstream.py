@@ -88,7 +88,8 @@ def test_a_record_decrypted_with_the_head_is_relayed_without_waiting_for_more(ht
     assert result.complete and result.text == "".join(tokens)
     arrived = next(at for at, piece in result.pieces if piece)
     body_at = sum(len(piece) for at, piece in result.pieces if at < 2.0)
-    assert arrived < 2.0 and body_at == len(result.body), f"the answer waited for the upstream's next write: {arrived:.2f}s"
+    waited = f"the answer waited for the upstream's next write: first bytes after {arrived:.2f}s"
+    assert arrived < 2.0 and body_at == len(result.body), waited
 
 
 def test_heartbeats_interrupt_a_waiting_tls_read_and_the_answer_goes_on(relay_factory, tls_upstream):
