@@ -197,8 +197,10 @@ def tls_upstream(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def relay_factory(tmp_path_factory, upstream):
-    """Start (or reuse) a relay with the given settings; all are stopped at the end of the session."""
+    """Start (or reuse) a relay with the given settings; all are stopped at the end of the session,
+    ``fresh`` ones too, so a test that fails (or forgets) before stopping its own leaves no gunicorn behind."""
     started: dict[tuple, Relay] = {}
+    fresh_ones: list[Relay] = []
     tmp = tmp_path_factory.mktemp("relays")
 
     def start(workers: int = 1, fresh: bool = False, **env) -> Relay:
@@ -214,12 +216,13 @@ def relay_factory(tmp_path_factory, upstream):
         if fresh or key not in started:
             relay = Relay(settings, tmp, workers=workers)
             if fresh:
+                fresh_ones.append(relay)
                 return relay
             started[key] = relay
         return started[key]
 
     yield start
-    for relay in started.values():
+    for relay in [*started.values(), *fresh_ones]:
         relay.stop()
 
 

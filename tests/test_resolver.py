@@ -54,9 +54,12 @@ def test_a_name_goes_through_the_thread_once_per_ttl(monkeypatch):
 def test_workers_use_it_and_start_no_resolver_thread_for_an_upstream_address(relay_factory, upstream):
     relay = relay_factory(fresh=True)  # its upstream is http://127.0.0.1:port: every connection is new
     model = upstream.script(stream_script(sse_answer(["one"]), keep_alive=False))  # so each answer connects
-    for _ in range(5):
-        assert relay.stream(model).text == "one"
-    master = relay.proc.pid
-    (worker,) = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
-    threads = os.listdir(f"/proc/{worker}/task")
+    try:
+        for _ in range(5):
+            assert relay.stream(model).text == "one"
+        master = relay.proc.pid
+        (worker,) = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+        threads = os.listdir(f"/proc/{worker}/task")
+    finally:
+        relay.stop()
     assert len(threads) == 1, f"gevent's thread resolver woke up: {len(threads)} threads in the worker"
