@@ -20,9 +20,9 @@ import uuid
 from functools import partial
 
 import orjson
-from dotenv import load_dotenv
 from flask import Flask, Response, g, request
 from flask_limiter.errors import RateLimitExceeded
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -77,7 +77,6 @@ log = logging.getLogger("chat_relay")
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the relay; without ``settings`` they are read from the environment (and ``.env``)."""
     if settings is None:
-        load_dotenv(override=False)
         settings = load_settings()
     _configure_logging(settings.log_level)
 
@@ -233,7 +232,7 @@ def _register(app: Flask, settings: Settings) -> None:
 def _json_body() -> dict:
     if request.mimetype != "application/json":
         raise RelayError(415, "unsupported_media_type", "The request body must be JSON (Content-Type: application/json).")
-    raw = request.get_data(cache=False)
+    raw = _read_body(request.max_content_length)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -241,6 +240,24 @@ def _json_body() -> dict:
     if not isinstance(body, dict):
         raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, or 413 when it is longer than ``limit``, whether or not it came with a length.
+
+    werkzeug checks a Content-Length, but cuts a chunked body at the limit without a word, and a cut
+    body can still be valid JSON. So a body of unknown length is read one byte past the limit here.
+    """
+    environ = request.environ
+    try:
+        if request.content_length is not None or not environ.get("wsgi.input_terminated"):
+            return request.get_data(cache=False)
+        raw = environ["wsgi.input"].read(limit + 1)
+    except (OSError, ParseException) as exc:  # gunicorn refused the chunk framing, or the caller left mid-body
+        raise RelayError(400, "invalid_request", f"The request body could not be read: {exc}.") from None
+    if len(raw) > limit:
+        raise RelayError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
+    return raw
 
 
 def _wants_events() -> bool:
@@ -299,7 +316,8 @@ def _check_messages(messages) -> None:
         field = f"messages[{index}]"
         if not isinstance(message, dict):
             raise _invalid(field, f"'{field}' must be an object with 'role' and 'content'.")
-        if message.get("role") not in ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise _invalid(f"{field}.role", f"'{field}.role' must be one of {', '.join(sorted(ROLES))}.")
         content = message.get("content")
         is_parts = isinstance(content, list) and all(isinstance(part, dict) for part in content)
@@ -493,7 +511,6 @@ if __name__ == "__main__":
             return environ
 
     try:
-        load_dotenv(override=False)
         dev_settings = load_settings()
     except SettingsError as exc:
         sys.exit(f"chat-relay: {exc}")

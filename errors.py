@@ -28,7 +28,11 @@ _TYPE_BY_STATUS = {
 
 
 class RelayError(Exception):
-    """A failure with the HTTP status, machine-readable code and human message the caller gets."""
+    """A failure with the HTTP status, machine-readable code and human message the caller gets.
+
+    Every text field is redacted as it is made: an upstream's ``code``, ``type`` or ``param`` is
+    passed on as well as its message, logged too, and a server may echo the key in any of them.
+    """
 
     def __init__(
         self,
@@ -41,12 +45,13 @@ class RelayError(Exception):
         retry_after: int | None = None,
         outcome: str = "rejected",
     ):
+        message = redact(message)
         super().__init__(message)
         self.status = status
-        self.code = code
+        self.code = redact(code)
         self.message = message
-        self.error_type = error_type or _TYPE_BY_STATUS.get(status, "api_error")
-        self.param = param
+        self.error_type = redact(error_type or _TYPE_BY_STATUS.get(status, "api_error"))
+        self.param = None if param is None else redact(param)
         self.retry_after = retry_after
         self.outcome = outcome
 

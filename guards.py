@@ -22,7 +22,7 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from errors import RelayError
-from settings import Settings
+from settings import Settings, normalize_origin
 
 GUARDED_PREFIXES = ("/api/", "/v1/")
 RESUME_PREFIX = "/api/streams/"
@@ -50,10 +50,11 @@ class Guards:
         self.limiter = Limiter(
             key_func=self.caller,
             app=app,
-            default_limits=[settings.rate_limit] if settings.rate_limit else [],
+            # one budget per caller over every endpoint (default limits would give each route its own)
+            application_limits=[settings.rate_limit] if settings.rate_limit else [],
             # a resume or cancel calls no upstream: a flaky network must not spend the caller's budget
-            default_limits_exempt_when=lambda: not is_guarded() or request.path.startswith(RESUME_PREFIX),
-            storage_uri=settings.redis_url or "memory://",
+            application_limits_exempt_when=lambda: not is_guarded() or request.path.startswith(RESUME_PREFIX),
+            storage_uri=_limits_storage_uri(settings.redis_url),
             strategy="moving-window",
             swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
             key_prefix="chat-relay",
@@ -80,9 +81,12 @@ class Guards:
 
     def _origin_allowed(self, origin: str) -> bool:
         allowed = self.settings.allowed_origins
-        if "*" in allowed or origin.rstrip("/") in allowed:
+        if "*" in allowed:
             return True
-        return urlsplit(origin).netloc == request.host  # the relay's own page
+        normalized = normalize_origin(origin)
+        if normalized is None:  # "null" (a sandboxed page, a file:) or not an origin at all
+            return False
+        return normalized in allowed or urlsplit(normalized).netloc == request.host.lower()  # the relay's own page
 
     def caller(self) -> str:
         """Who is calling: a hash of the access token when tokens are in use, else the client IP."""
@@ -104,15 +108,15 @@ class Guards:
         """Claim one of the caller's open-stream slots; call ``release`` on what it returns."""
         if self.stream_slots is None:
             return None
-        slot = self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
-        if slot is None:
+        try:
+            return self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
+        except CapReached:
             raise RelayError(
                 429,
                 "too_many_streams",
                 f"At most {self.settings.max_streams_per_caller} open streams per caller.",
                 retry_after=STREAM_RETRY_AFTER,
-            )
-        return slot
+            ) from None
 
     def release_stream(self, slot) -> None:
         if slot is not None:
@@ -129,15 +133,20 @@ def is_guarded() -> bool:
     return request.path.startswith(GUARDED_PREFIXES) and request.method != "OPTIONS"
 
 
+class CapReached(Exception):
+    """The caller already holds as many open streams as the cap allows."""
+
+
 class MemoryStreamSlots:
     """Open streams per caller, counted in this process (exact when there is one worker)."""
 
     def __init__(self):
         self._open: dict[str, int] = {}
 
-    def acquire(self, caller: str, cap: int):
+    def acquire(self, caller: str, cap: int) -> str:
+        """A slot to ``release`` later; raises CapReached."""
         if self._open.get(caller, 0) >= cap:
-            return None
+            raise CapReached
         self._open[caller] = self._open.get(caller, 0) + 1
         return caller
 
@@ -163,7 +172,9 @@ class RedisStreamSlots:
     """Open streams per caller, shared through Redis by every worker and machine.
 
     Each open stream is a member of its caller's sorted set, scored by when its claim expires; a
-    greenlet renews this process's claims, so a crashed worker's streams free up within a minute.
+    greenlet renews this process's claims (and the set's own expiry), so a crashed worker's streams
+    free up within a minute while a live one's hold for as long as they run. With Redis down the cap
+    is not enforced, as the rate limit is not: an outage must not refuse every stream as the caller's.
     """
 
     def __init__(self, url: str):
@@ -172,7 +183,8 @@ class RedisStreamSlots:
         self._held: dict[str, tuple[str, str]] = {}
         self._renewer = None
 
-    def acquire(self, caller: str, cap: int):
+    def acquire(self, caller: str, cap: int) -> str | None:
+        """A slot to ``release`` later, or None when Redis is unreachable (nothing held); raises CapReached."""
         key, member, now = f"chat-relay:streams:{caller}", uuid.uuid4().hex, time.time()
         try:
             claimed = self._acquire(keys=[key], args=[now, cap, now + STREAM_SLOT_SECONDS, member, STREAM_SLOT_SECONDS * 2])
@@ -180,7 +192,7 @@ class RedisStreamSlots:
             log.warning("Redis unavailable: stream cap not enforced for this request")
             return None
         if not claimed:
-            return None
+            raise CapReached
         self._held[member] = (key, member)
         if self._renewer is None:
             self._renewer = gevent.spawn(self._renew_forever)
@@ -197,11 +209,24 @@ class RedisStreamSlots:
     def _renew_forever(self) -> None:
         while True:
             gevent.sleep(STREAM_SLOT_SECONDS / 3)
-            expires = time.time() + STREAM_SLOT_SECONDS
-            try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    for key, member in list(self._held.values()):
-                        pipe.zadd(key, {member: expires}, xx=True)
-                    pipe.execute()
-            except redis.RedisError:
-                log.warning("Redis unavailable: could not renew stream slots")
+            self.renew()
+
+    def renew(self) -> None:
+        """Extend this process's claims, and their sets' expiry: else a set vanishes under long streams."""
+        expires = time.time() + STREAM_SLOT_SECONDS
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for key, member in list(self._held.values()):
+                    pipe.zadd(key, {member: expires}, xx=True)
+                    pipe.expire(key, STREAM_SLOT_SECONDS * 2)
+                pipe.execute()
+        except redis.RedisError:
+            log.warning("Redis unavailable: could not renew stream slots")
+
+
+def _limits_storage_uri(redis_url: str | None) -> str:
+    """Flask-Limiter's name for ``REDIS_URL``: the same, but ``redis+unix://`` for a socket path,
+    which redis-py (the stream caps, resumable answers) spells ``unix://``."""
+    if redis_url is None:
+        return "memory://"
+    return "redis+" + redis_url if redis_url.startswith("unix://") else redis_url

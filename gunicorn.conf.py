@@ -15,11 +15,7 @@ import socket
 import sys
 import tempfile
 
-from dotenv import load_dotenv
-
 from settings import SettingsError, load_settings
-
-load_dotenv(override=False)
 
 try:
     _settings = load_settings()

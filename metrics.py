@@ -28,6 +28,11 @@ TOKENS = Counter("relay_tokens_total", "Completion tokens relayed.")
 UPSTREAM_ERRORS = Counter("relay_upstream_errors_total", "Upstream failures, by kind (the error code).", ["kind"])
 CLIENT_DISCONNECTS = Counter("relay_client_disconnects_total", "Streams whose caller went away before the end.")
 
+# The relay's own kinds are shown at 0 from the start, so an alert on them sees a series, not "no data".
+# (An upstream's own error code, passed on as the kind, appears when it first happens.)
+for _kind in ("upstream_error", "upstream_timeout", "upstream_auth_failed", "upstream_rate_limited"):
+    UPSTREAM_ERRORS.labels(_kind)
+
 
 def record_request(fields: dict) -> None:
     """Count one finished request from its access-log fields."""

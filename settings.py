@@ -13,6 +13,7 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 import limits
+from dotenv import load_dotenv
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -63,8 +64,12 @@ class Settings:
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Parse the relay's settings from ``environ`` (default: the process environment)."""
-    env = _Env(os.environ if environ is None else environ)
+    """Parse the relay's settings from ``environ``; by default the process environment, to which a
+    ``.env`` file in the working directory adds what the environment does not set."""
+    if environ is None:
+        load_dotenv(".env", override=False)  # the working directory's, not the one beside the code
+        environ = os.environ
+    env = _Env(environ)
     demo = env.flag("RELAY_DEMO")
     api_key = env.text("OPENAI_API_KEY")
     base_url_given = env.text("OPENAI_BASE_URL")
@@ -158,9 +163,14 @@ class _Env:
 
     def url(self, name: str, default: str) -> str:
         raw = self.text(name) or default
-        parts = urlsplit(raw)
+        given = f"{name}={raw!r}" if "@" not in raw else name  # user:password@ is not repeated
+        refusal = f"{given}: expected an http(s) URL such as {DEFAULT_BASE_URL}"
+        parts = _split_url(raw, refusal)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise SettingsError(f"{name}={raw!r}: expected an http(s) URL such as {DEFAULT_BASE_URL}")
+            raise SettingsError(refusal)
+        if parts.username is not None or parts.password is not None:
+            # requests would send them as Basic auth in place of the key, and /healthz shows the netloc
+            raise SettingsError(f"{name}: expected a URL without user:password@ (the key goes in OPENAI_API_KEY)")
         return raw.rstrip("/")
 
     def ca_bundle(self, *names: str) -> str | None:
@@ -184,31 +194,65 @@ class _Env:
         raw = self.text(name)
         if raw is None:
             return None
-        parts = urlsplit(raw)
+        refusal = f"{name}: expected a URL such as redis://host:6379/0"  # without the value: it may hold a password
+        parts = _split_url(raw, refusal)
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-            raise SettingsError(f"{name}: expected a URL such as redis://host:6379/0")
+            raise SettingsError(refusal)
         return raw
 
     def origins(self, name: str) -> tuple[str, ...]:
         origins = self.csv(name)
+        normalized = []
         for origin in origins:
-            parts = urlsplit(origin)
-            is_origin = parts.scheme in ("http", "https") and parts.netloc and parts.path in ("", "/")
-            if origin != "*" and not is_origin:
-                raise SettingsError(
-                    f"{name}: {origin!r} is not an origin; expected e.g. https://app.example.com or *"
-                )
-        return tuple(origin.rstrip("/") for origin in origins)
+            as_browsers_send = "*" if origin == "*" else normalize_origin(origin)
+            if as_browsers_send is None:
+                raise SettingsError(f"{name}: {origin!r} is not an origin; expected e.g. https://app.example.com or *")
+            normalized.append(as_browsers_send)
+        return tuple(normalized)
 
     def rate_limit(self, name: str) -> str | None:
         raw = self.text(name)
         if raw is None:
             return None
+        refusal = f"{name}={raw!r}: expected limits like 20/minute;500/day, each allowing at least 1"
         try:
-            limits.parse_many(raw)  # the parser Flask-Limiter will use, so the two cannot disagree
+            items = limits.parse_many(raw)  # the parser Flask-Limiter will use, so the two cannot disagree
         except ValueError:
-            raise SettingsError(f"{name}={raw!r}: expected limits like 20/minute;500/day") from None
+            raise SettingsError(refusal) from None
+        if any(item.amount < 1 for item in items):  # 0/minute would refuse every request
+            raise SettingsError(refusal)
         return raw
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(origin: str) -> str | None:
+    """``origin`` as a browser sends it in an ``Origin`` header (scheme and host in lower case, no
+    default port, no trailing slash), or None when it is not an http(s) origin."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if parts.query or parts.fragment or parts.username is not None or parts.password is not None:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname  # hostname is already lower case
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def _split_url(raw: str, refusal: str):
+    """``raw``'s parts, or SettingsError(refusal) when it does not parse: a bracket left open, or a
+    port that is not a number up to 65535 (``urlsplit`` checks the port only when it is asked for)."""
+    try:
+        parts = urlsplit(raw)
+        parts.port
+    except ValueError:
+        raise SettingsError(refusal) from None
+    return parts
 
 
 def _describe_bounds(minimum, maximum) -> str:

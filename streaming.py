@@ -33,7 +33,7 @@ import urllib3.exceptions
 import urllib3.util.ssl_
 from requests.adapters import HTTPAdapter
 
-from errors import RelayError, redact, register_secret
+from errors import RelayError, register_secret
 
 MAX_LINE_BYTES = 1 << 20  # one SSE line longer than this is a broken upstream, not a long answer
 MAX_ERROR_BODY_BYTES = 1 << 16
@@ -173,7 +173,7 @@ def _upstream_event_error(error) -> RelayError:
     return RelayError(
         502,
         code if isinstance(code, str) and code else "upstream_error",
-        "Upstream error: " + redact(str(message)),
+        "Upstream error: " + str(message),
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         outcome="upstream_error",
     )
@@ -364,7 +364,7 @@ class UpstreamClient:
     ):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
-        register_secret(api_key)  # every error message built from upstream text is redacted of it
+        register_secret(api_key)  # every RelayError, however much upstream text it carries, is redacted of it
         self._timeout = (connect_timeout, read_timeout)
         self._retries = retries
         self._session = requests.Session()  # only prepares requests; the adapter sends them
@@ -394,8 +394,6 @@ class UpstreamClient:
         response = self._send(method, path, body, "application/json", stream=True)
         try:
             content = _read_at_most(response, MAX_JSON_BODY_BYTES)
-        except requests.RequestException as exc:
-            raise _transport_error(exc) from None
         finally:
             response.close()
         try:
@@ -446,13 +444,13 @@ class UpstreamClient:
     def _status_error(self, response: requests.Response) -> RelayError:
         try:
             body = _read_at_most(response, MAX_ERROR_BODY_BYTES)
-        except requests.RequestException:
+        except RelayError:  # too long, stalled or cut: the status still says what happened
             body = b""
         finally:
             response.close()
         status = response.status_code
         upstream = _error_fields(body)
-        message = redact(upstream.get("message") or f"The upstream answered {status}.")
+        message = upstream.get("message") or f"The upstream answered {status}."
         retry_after = response.headers.get("Retry-After")
         if status in (401, 403):
             return RelayError(
@@ -563,21 +561,35 @@ class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
 
 
 def _read_at_most(response: requests.Response, limit: int) -> bytes:
-    content = response.raw.read(limit + 1, decode_content=True)
+    """A whole non-streamed body; RelayError when it is too long, stalls or is cut short."""
+    try:
+        content = response.raw.read(limit + 1, decode_content=True)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _transport_error(exc) from None
     if len(content) > limit:
         raise _malformed(f"the body is larger than {limit} bytes")
     return content
 
 
 def _error_fields(body: bytes) -> dict:
+    """The upstream's error object, its ``message`` a string whatever shape the server gave it.
+
+    OpenAI sends ``{"error": {"message": ...}}``; compatible servers also send a bare string, a
+    message that is an object, or a FastAPI-style ``{"detail": ...}``.
+    """
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return {}
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, str):
-        return {"message": error}
-    return error if isinstance(error, dict) else {}
+    if not isinstance(parsed, dict):
+        return {}
+    error = parsed.get("error", parsed.get("detail"))
+    if not isinstance(error, dict):
+        error = {"message": error}
+    message = error.get("message")
+    if message is not None and not isinstance(message, str):
+        message = orjson.dumps(message).decode()
+    return {**error, "message": message}
 
 
 def _transport_error(exc: Exception) -> RelayError:

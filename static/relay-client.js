@@ -318,10 +318,9 @@ async function* serverSentEvents(body, signal, lastEventId = "") {
     const {value, done} = await reader.read().catch((error) => {
       throw connectionError(error, signal);
     });
-    if (done) return;
-    pending += decoder.decode(value, {stream: true});
-    // A CR at the very end may be the first half of a CRLF: keep it until the next read.
-    const end = pending.endsWith("\r") ? pending.length - 1 : pending.length;
+    pending += done ? decoder.decode() : decoder.decode(value, {stream: true});
+    // A CR at the very end may be the first half of a CRLF: keep it until the next read, or the end.
+    const end = pending.endsWith("\r") && !done ? pending.length - 1 : pending.length;
     const lines = pending.slice(0, end).split(/\r\n|\r|\n/);
     pending = lines.pop() + pending.slice(end);
     for (const line of lines) {
@@ -336,6 +335,7 @@ async function* serverSentEvents(body, signal, lastEventId = "") {
       else if (field === "data") data.push(fieldValue);
       else if (field === "id" && !fieldValue.includes("\0")) lastEventId = fieldValue;
     }
+    if (done) return;  // an event without its blank line is dropped, as the spec says
   }
 }
 

@@ -417,6 +417,15 @@ def test_client_parses_events_split_anywhere_in_the_byte_stream(page, relay, siz
     assert tokens == ["日本語", "é👋🏽", "two lines", " end\u2028"]
 
 
+@pytest.mark.parametrize("size", [1, 1 << 20], ids=lambda size: f"{size}-byte-reads")
+def test_client_takes_a_cr_that_ends_the_body_as_a_line_end(page, relay, size):
+    """A CR held back as maybe half a CRLF is a line end once the body ends: the done event counts."""
+    body = 'event: meta\rdata: {"id": "x", "model": "m", "created": 1}\r\rdata: {"content": "ok"}\r\r' \
+           'event: done\rdata: {"finish_reason": "stop", "usage": null}\r\r'  # fmt: skip
+    page.goto(relay.url + "/healthz")
+    assert page.evaluate(PARSE_SPLIT_STREAM, {"body": body, "size": size}) == ["ok"]
+
+
 def test_client_abort_signal_cancels_the_upstream_request(page, relay, upstream):
     model = slow_endless_answer(upstream)
     started = time.monotonic()

@@ -516,12 +516,15 @@ def test_each_refusal_of_the_error_table_on_both_endpoints(strict, path, case):
 
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_the_relays_own_rate_limit_is_429_with_retry_after_on_both_endpoints(relay_factory, upstream, path):
-    relay = relay_factory(RELAY_RATE_LIMIT="1/minute")
-    model = upstream.script(stream_script(sse_answer(["ok"])))
-    assert post(relay, path, model).status == 200
-    result = post(relay, path, model)
-    assert_error(result, 429, "rate_limited")
-    assert int(result.headers["retry-after"]) >= 1
+    relay = relay_factory(fresh=True, RELAY_RATE_LIMIT="1/minute")  # fresh: the budget is shared by both endpoints
+    try:
+        model = upstream.script(stream_script(sse_answer(["ok"])))
+        assert post(relay, path, model).status == 200
+        result = post(relay, path, model)
+        assert_error(result, 429, "rate_limited")
+        assert int(result.headers["retry-after"]) >= 1
+    finally:
+        relay.stop()
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
@@ -550,3 +553,62 @@ def test_a_key_of_any_shape_is_redacted_from_upstream_messages_mid_stream(relay_
     first_event_error = upstream.script(stream_script([f"data: {json.dumps(error)}\n\n".encode()]))
     result = post(relay, ENDPOINTS[0], first_event_error)
     assert result.status == 502 and azure_style_key not in result.text and "[redacted]" in result.text
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_the_key_is_redacted_from_every_field_of_an_upstream_error(relay_factory, upstream, path):
+    """An upstream's code, type and param are passed on too, so each is redacted, in the answer and the log."""
+    relay = relay_factory(RELAY_RETRIES="0")
+    echoed = {"message": "no", "code": UPSTREAM_KEY, "type": UPSTREAM_KEY, "param": UPSTREAM_KEY}
+    model = upstream.script(failing(400, {"error": echoed}))
+    result = post(relay, path, model)
+    assert result.status == 400 and UPSTREAM_KEY not in result.text
+    assert result.json()["error"]["code"] == "[redacted]"
+    mid_stream = upstream.script(stream_script([sse_answer(["a"])[0], f"data: {json.dumps({'error': echoed})}\n\n".encode()]))
+    result = post(relay, path, mid_stream, sse=True)
+    assert result.status == 200 and b"error" in result.body and UPSTREAM_KEY not in result.text
+    relay.wait_access_line(path, count=2, outcome="upstream_error")
+    assert UPSTREAM_KEY not in relay.log()
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"error": {"message": {"detail": "nested"}, "code": "bad"}}, '{"detail":"nested"}'),  # a message that is an object
+        ({"error": {"message": 42}}, "42"),
+        ({"detail": "model 'x' is not loaded"}, "model 'x' is not loaded"),  # FastAPI-style servers
+        ({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, "field required"),
+    ],
+)
+def test_an_upstream_error_of_any_json_shape_keeps_its_status_and_message(no_retry, upstream, body, expected):
+    for path in ENDPOINTS + ["/v1/chat/completions?non-streamed"]:
+        model = upstream.script(failing(400, body))
+        if path.endswith("non-streamed"):
+            result = no_retry.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        else:
+            result = post(no_retry, path, model)
+        assert result.status == 400, (path, result.body)
+        assert expected in result.json()["error"]["message"], (path, result.body)
+
+
+def test_a_non_streamed_answer_that_stalls_is_504_and_one_cut_short_is_502(relay_factory, upstream):
+    relay = relay_factory(RELAY_RETRIES="0", RELAY_READ_TIMEOUT="1")
+
+    def head_then(silence: bool, status: int):
+        def script(conn):
+            conn.send_raw(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+            conn.send_raw(b'{"id":')
+            if silence:
+                conn.sleep_unless_hangup(3)
+        return script
+
+    def ask(script):
+        return relay.post("/v1/chat/completions", {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}]})
+
+    assert_error(ask(head_then(True, 200)), 504, "upstream_timeout")
+    assert_error(ask(head_then(False, 200)), 502, "upstream_error")
+    for silence in (True, False):  # an error whose body never arrives whole still has its status
+        result = ask(head_then(silence, 400))
+        assert_error(result, 400, "upstream_error")
+        assert "answered 400" in result.json()["error"]["message"]
+    assert "Traceback" not in relay.log()

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from conftest import UPSTREAM_KEY
+from conftest import UPSTREAM_KEY, free_port
+from guards import STREAM_SLOT_SECONDS, CapReached, RedisStreamSlots
 from fake_upstream import sse_answer, stream_script
 
 PATH = "/api/stream_chat_completion"
@@ -118,6 +120,20 @@ def test_the_rate_limit_is_per_caller_with_retry_after(relay_factory, upstream):
     assert relay.stream(quick(upstream), headers=beta).status == 200, "another caller has its own budget"
 
 
+def test_the_rate_limit_is_one_budget_over_every_guarded_endpoint(relay_factory, upstream):
+    """Per caller, not per route: else each paid endpoint would give the caller the whole budget again."""
+    model = upstream.script(stream_script(sse_answer(["ok"])), name="rate-every-endpoint")  # reusable: a script per name
+    relay = relay_factory(RELAY_RATE_LIMIT="3/minute", RELAY_ACCESS_TOKENS="tok-every-endpoint", RELAY_MODELS=model)
+    token = bearer("tok-every-endpoint")
+    question = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    assert relay.request("GET", "/v1/models", headers=token).status == 200
+    assert relay.post("/v1/chat/completions", {**question, "stream": True}, token).status == 200
+    assert relay.post(PATH, question, token).status == 200
+    assert_error(relay.request("GET", "/v1/models", headers=token), 429, "rate_limited")
+    assert_error(relay.post("/v1/chat/completions", {**question, "stream": True}, token), 429, "rate_limited")
+    assert_error(relay.post(PATH, question, token), 429, "rate_limited")
+
+
 @pytest.mark.parametrize("setting", ["RELAY_RATE_LIMIT=100/minute", "RELAY_RESUME_SECONDS=30"])
 def test_shared_state_without_redis_runs_one_worker_so_it_stays_exact(relay_factory, setting):
     name, _, value = setting.partition("=")
@@ -174,6 +190,39 @@ def test_the_stream_cap_is_shared_through_redis(relay_factory, upstream, redis_u
         assert second.stream(quick(upstream), headers=token).status == 200
     finally:
         second.stop()
+
+
+def test_an_unreachable_redis_leaves_streams_uncapped_rather_than_refused(relay_factory, upstream):
+    """A Redis outage must not turn every stream into the caller's 429, on every relay at once."""
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    held = hold_stream(relay, upstream, {})
+    assert relay.stream(quick(upstream)).status == 200
+    held[0].join(10)
+    assert held[1][0].text == "x"
+    assert "Redis unavailable: stream cap not enforced" in relay.log()
+
+
+def test_stream_slots_renew_their_sets_expiry_so_long_streams_stay_counted(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    slots = RedisStreamSlots(redis_url)
+    caller = f"renew-{time.monotonic_ns()}"
+    slots.acquire(caller, 2)
+    key = f"chat-relay:streams:{caller}"
+    client.expire(key, 1)  # as it would stand two minutes after the last slot was granted
+    slots.renew()
+    assert client.ttl(key) > STREAM_SLOT_SECONDS, "the set would vanish, taking the open streams' claims with it"
+    slots.acquire(caller, 2)
+    with pytest.raises(CapReached):
+        slots.acquire(caller, 2)
+
+
+def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):
+    relay = relay_factory(RELAY_ALLOWED_ORIGINS="https://App.Example.com:443/,http://localhost:5173")
+    for origin in ("https://app.example.com", "http://localhost:5173"):
+        result = relay.stream(quick(upstream), headers={"Origin": origin})
+        assert result.status == 200, (origin, result.body)
+    for origin in ("https://app.example.com:8443", "http://[", "null"):
+        assert_error(relay.stream(quick(upstream), headers={"Origin": origin}), 403, "origin_not_allowed")
 
 
 # --- logs and secrets ----------------------------------------------------------------------------
@@ -239,6 +288,8 @@ def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(rel
             assert relay.stream(quick(upstream, ["a", "b", "c"])).text == "abc"
         thread, _ = hold_stream(relay, upstream, {}, seconds=1.2)
         during = relay.request("GET", "/metrics").text
+        # the relay's own error kinds are series from the start, so an alert on them sees 0, not "no data"
+        assert 'relay_upstream_errors_total{kind="upstream_auth_failed"} 0.0' in during.splitlines()
         assert metric(during, "relay_active_streams") == 1
         thread.join(10)
         assert relay.stream(upstream.script(lambda conn: conn.sleep_unless_hangup(3))).status == 504

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+
 import pytest
 
 from fake_upstream import sse_answer, stream_script
@@ -146,3 +150,49 @@ def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstre
 def test_unknown_paths_and_methods_get_json_errors(relay):
     assert_error(relay.request("GET", "/nope"), 404, "not_found")
     assert_error(relay.request("GET", PATH), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("role", [["user"], {"a": 1}, 5, None])
+def test_a_role_of_the_wrong_type_is_400_naming_it(relay, role):
+    body = {"model": "m", "messages": [{"role": role, "content": "x"}]}
+    assert_error(relay.post(PATH, body), 400, "invalid_request", "messages[0].role")
+
+
+def post_chunked(relay, pieces: list[bytes]) -> tuple[int, bytes]:
+    """A request whose body comes chunked, without a Content-Length, as a streaming fetch sends it."""
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("POST", PATH, body=iter(pieces), headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_is_read_whole(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert post_chunked(relay, [body[:10], body[10:]]) == (200, b"ok")
+
+
+def test_a_chunked_body_over_the_size_limit_is_413_even_when_a_cut_would_be_valid_json(guarded):
+    """werkzeug cuts a body of unknown length at the limit; what is left must not be taken as the request."""
+    small = json.dumps({"model": "gpt-ok", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    long_list = b'{"model": "gpt-ok", "messages": [' + b'{"role": "user", "content": "x"},' * 100
+    for pieces in ([small, b" " * 4096], [long_list]):
+        status, body = post_chunked(guarded, pieces)
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large", (status, body)
+
+
+def test_a_chunked_body_with_broken_framing_is_400(relay):
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"application/json" in head and json.loads(body)["error"]["code"] == "invalid_request"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import certifi
 import pytest
@@ -43,6 +46,15 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
         ("SSL_CERT_FILE", str(ROOT / "README.md")),  # readable, but no certificate in it
         ("REQUESTS_CA_BUNDLE", str(ROOT / "tests")),  # a directory: OpenSSL would take it unread
+        ("OPENAI_BASE_URL", "http://[::1/v1"),  # urlsplit raises on the open bracket
+        ("OPENAI_BASE_URL", "http://127.0.0.1:99999/v1"),  # urlsplit checks a port only when asked
+        ("OPENAI_BASE_URL", "http://127.0.0.1:abc/v1"),
+        ("OPENAI_BASE_URL", "http://user:pw@127.0.0.1:8080/v1"),  # Basic auth would replace the key
+        ("RELAY_ALLOWED_ORIGINS", "http://["),
+        ("REDIS_URL", "redis://["),
+        ("REDIS_URL", "redis://127.0.0.1:abc/0"),
+        ("RELAY_RATE_LIMIT", "0/minute"),  # would refuse every request
+        ("RELAY_RATE_LIMIT", "5/minute;0/day"),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
@@ -51,6 +63,46 @@ def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
     output = (result.stdout + result.stderr).strip()
     assert output.count("\n") == 0, f"expected one line, got:\n{output}"
     assert name in output and "Traceback" not in output
+
+
+def test_a_refusal_never_repeats_a_password_given_in_a_url():
+    for name, value in [
+        ("OPENAI_BASE_URL", "http://user:hunter2@127.0.0.1/v1"),
+        ("OPENAI_BASE_URL", "http://user:hunter2@[/v1"),
+        ("REDIS_URL", "redis://:hunter2@["),
+    ]:
+        result = start_gunicorn({**BASE, name: value})
+        assert result.returncode != 0 and name in result.stderr
+        assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_dot_env_file_in_the_working_directory_is_read_and_the_environment_wins(tmp_path, upstream):
+    """The contract's `.env` is the working directory's, also when the code lives elsewhere."""
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY=sk-from-dot-env\nOPENAI_BASE_URL={upstream.base_url}\nRELAY_MODELS=from-file\n")
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(ROOT),
+           "HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": "1", "RELAY_MODELS": "from-environment"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "app:app"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        body = None
+        for _ in range(100):  # up to ~10 s for the worker to boot
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                    body = json.loads(response.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    assert body is not None, f"the relay did not start from the .env's settings:\n{stderr.decode()}"
+    assert [model["id"] for model in body["data"]] == ["from-environment"], "the environment wins over .env"
 
 
 def test_neither_key_nor_demo_refuses_to_start_naming_both_options():
