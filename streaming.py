@@ -17,6 +17,7 @@ import http.client
 import logging
 import random
 import re
+import select
 import socket
 import ssl
 import time
@@ -27,6 +28,7 @@ import gevent
 import gevent.queue
 import orjson
 import requests
+from gevent.monkey import get_original
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
@@ -39,6 +41,11 @@ MAX_LINE_BYTES = 1 << 20  # one SSE line longer than this is a broken upstream, 
 MAX_ERROR_BODY_BYTES = 1 << 16
 MAX_JSON_BODY_BYTES = 32 << 20
 CLIENT_POLL_SECONDS = 0.5  # how often a silent stream checks that its caller is still there
+# After [DONE] the answer is whole; the body's own end may take this long before the relay ends the
+# answer anyway and drops the connection (which it would otherwise have kept for the next stream).
+DONE_LINGER_SECONDS = 0.5
+
+_kernel_poll = get_original("select", "poll")
 READ_BYTES = 16384  # per socket read: a chat chunk is far smaller, a firehose read fills it
 QUEUE_DEPTH = 256  # reads buffered between upstream and a slow caller before the reader waits
 RETRY_BASE_SECONDS = 0.25
@@ -224,6 +231,11 @@ class _Translator:
     def completion_tokens(self) -> int:
         reported = (self.usage or {}).get("completion_tokens")
         return reported if isinstance(reported, int) else self.token_count
+
+    @property
+    def done(self) -> bool:
+        """[DONE] came: the answer is whole, whatever the upstream's body does next."""
+        return self._saw_done
 
     def feed(self, event: ServerSentEvent) -> bytes:
         if event.data == b"[DONE]":
@@ -885,9 +897,19 @@ def client_socket_closed(sock) -> bool:
     """True when the caller's socket has been closed or reset; never blocks, never consumes data."""
     raw = getattr(sock, "_sock", sock)  # gevent's wrapper would wait on a would-block; the raw one does not
     try:
-        return _peek(raw) == b""
+        peeked = _peek(raw)
     except OSError:
         return True
+    if peeked:  # bytes sent after the request (a pipelined one) hide a close behind them from a peek
+        return _peer_hung_up(raw)
+    return peeked == b""
+
+
+def _peer_hung_up(raw_sock) -> bool:
+    """Whether the peer closed its side, whatever unread bytes come before the close (Linux's RDHUP)."""
+    poller = _kernel_poll()  # the kernel's own poll, asked without waiting: gevent's has no RDHUP
+    poller.register(raw_sock.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 class _StreamWatch:
@@ -955,6 +977,10 @@ class _Answer:
     def _fail(self, error: RelayError) -> None:
         self.error = _without_traceback(error)
         self.outcome = error.outcome
+
+    def _silence_allowed(self) -> float:
+        """How long the upstream may say nothing now: after [DONE], only a moment for its body's end."""
+        return DONE_LINGER_SECONDS if self.translator.done else self._read_timeout
 
 
 class RelayStream(_Answer):
@@ -1030,6 +1056,10 @@ class RelayStream(_Answer):
                     yield PING
                     self._quiet_since = time.monotonic()
                     continue
+                except _UpstreamSilent:
+                    if not translator.done:
+                        raise
+                    chunk = None  # [DONE] came but the body's end did not: end the answer, drop the connection
                 now = self._heard_at = time.monotonic()
                 if not chunk:
                     break
@@ -1044,7 +1074,8 @@ class RelayStream(_Answer):
                     self._quiet_since = time.monotonic()
                 if error is not None:
                     raise error
-            body.finish()  # the body was read to its end: the connection can be reused
+            if chunk is not None:
+                body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
             tail = translator.end()
@@ -1077,11 +1108,12 @@ class RelayStream(_Answer):
         heard_at, quiet = self._heard_at, now - self._quiet_since
         if now >= _shutdown_deadline:
             self._interrupt(_Stop(_shutdown_error()))
-        elif heard_at is not None and now - heard_at >= self._read_timeout:
+        elif heard_at is not None and now - heard_at >= self._silence_allowed():
             self._interrupt(_UpstreamSilent())
         elif quiet >= CLIENT_POLL_SECONDS and self._client_gone():
             self._interrupt(ClientGone())
-        elif self._committed and self._heartbeat and quiet >= self._heartbeat and self._pings_may_interrupt:
+        elif self._committed and self._heartbeat and quiet >= self._heartbeat and self._pings_may_interrupt \
+                and not self.translator.done:  # the answer is whole: nothing more to keep alive
             self._interrupt(_Heartbeat())
 
     def _interrupt(self, exc: Exception) -> None:
@@ -1141,6 +1173,10 @@ class ResumableStream(_Answer):
                 self._reading_since = time.monotonic()
                 try:
                     chunk = read()
+                except _UpstreamSilent:
+                    if not translator.done:
+                        raise
+                    chunk = None  # [DONE] came but the body's end did not: end the answer, drop the connection
                 finally:
                     self._reading_since = None
                 if not chunk:
@@ -1148,7 +1184,8 @@ class ResumableStream(_Answer):
                 events = decoder.feed(chunk)
                 if events:
                     self._translate(events)
-            body.finish()  # the body was read to its end: the connection can be reused
+            if chunk is not None:
+                body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
                 raise _malformed("the upstream sent no events")
             self._end(None, translator.end())
@@ -1204,7 +1241,7 @@ class ResumableStream(_Answer):
         if now >= _shutdown_deadline:
             self._stop(_shutdown_error())
         reading_since = self._reading_since
-        if reading_since is not None and now - reading_since >= self._read_timeout and not self._ending:
+        if reading_since is not None and now - reading_since >= self._silence_allowed() and not self._ending:
             self._reading_since = None
             self._reader.kill(_UpstreamSilent(), block=False)
         if self.detached:
@@ -1217,7 +1254,7 @@ class ResumableStream(_Answer):
             return
         if now - waiting_since >= CLIENT_POLL_SECONDS and self._client_gone():
             self._notify(_GONE)
-        elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat:
+        elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat and not self.translator.done:
             self._notify(PING)
 
     def _notify(self, item) -> None:

@@ -335,6 +335,25 @@ def test_client_abort_before_the_first_event_closes_upstream(relay, upstream):
     assert_upstream_closed_within_2s(exchange, gone_at)
 
 
+@pytest.mark.parametrize("first_event", [False, True], ids=["before-the-first-event", "after-it"])
+def test_a_caller_that_sent_more_bytes_before_leaving_is_still_noticed(relay, upstream, first_event):
+    """A pipelined request left unread sits before the close: a peek sees bytes, not the end."""
+    model = upstream.script(silent_after_first_event() if first_event else (lambda conn: conn.sleep_unless_hangup(20)))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    sock.sendall(b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    exchange = upstream.wait_seen(model)[0]
+    if first_event:
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    time.sleep(0.2)  # the bytes are in the relay's receive buffer before the close
+    sock.close()
+    gone_at = time.monotonic()
+    assert_upstream_closed_within_2s(exchange, gone_at)
+
+
 def _worker_pids(master: int) -> list[int]:
     children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     return [int(pid) for pid in children]
@@ -612,3 +631,58 @@ def test_a_non_streamed_answer_that_stalls_is_504_and_one_cut_short_is_502(relay
         assert_error(result, 400, "upstream_error")
         assert "answered 400" in result.json()["error"]["message"]
     assert "Traceback" not in relay.log()
+
+
+def test_an_answer_is_whole_at_done_even_when_the_upstream_leaves_its_body_open(relay_factory, upstream):
+    """[DONE] ends the answer: the caller gets its clean end within a moment, never a timeout, never a
+    ping after it; the connection whose body did not end is closed rather than reused."""
+    relay = relay_factory(RELAY_READ_TIMEOUT="3", RELAY_HEARTBEAT_SECONDS="0.2")
+
+    def lingering(conn):
+        conn.start()
+        for event in sse_answer(["Hel", "lo"], usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}):
+            conn.send(event)
+        conn.sleep_unless_hangup(6)  # the terminating chunk is late, far past the read timeout
+        conn.end()
+
+    for path in ENDPOINTS:
+        for sse in (False, True):
+            model = upstream.script(lingering)
+            started = time.monotonic()
+            result = post(relay, path, model, sse=sse)
+            took = time.monotonic() - started
+            assert result.status == 200 and result.complete, (path, sse, result.body)
+            assert took < 2.5, f"the finished answer was held back {took:.1f} s ({path}, sse={sse})"
+            assert b"error" not in result.body and b": ping" not in result.body.split(b"[DONE]")[-1]
+            if path.startswith("/v1"):
+                assert result.body.endswith(b"data: [DONE]\n\n")
+            elif sse:
+                assert parse_sse(result.body)[-1][0] == "done"
+            else:
+                assert result.text == "Hello"
+            (exchange,) = upstream.seen(model)
+            deadline = time.monotonic() + 2  # the upstream notices the hang-up on its own thread
+            while exchange.closed_by_peer_at is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert exchange.closed_by_peer_at is not None, "the relay kept a connection whose body never ended"
+    lines = relay.wait_access_line(ENDPOINTS[0], count=2, outcome="ok")
+    assert len([line for line in lines if line["completion_tokens"] == 2]) >= 2
+
+
+def test_a_resumable_answer_is_whole_at_done_too(relay_factory, upstream):
+    relay = relay_factory(RELAY_READ_TIMEOUT="3", RELAY_RESUME_SECONDS="30", RELAY_HEARTBEAT_SECONDS="0.2")
+
+    def lingering(conn):
+        conn.start()
+        for event in sse_answer(["Hel", "lo"]):
+            conn.send(event)
+        conn.sleep_unless_hangup(6)
+        conn.end()
+
+    question = {"model": upstream.script(lingering), "messages": [{"role": "user", "content": "hi"}]}
+    started = time.monotonic()
+    result = relay.post(ENDPOINTS[0], question, {"Accept": "text/event-stream", "X-Relay-Resumable": "1"})
+    assert time.monotonic() - started < 2.5
+    assert result.status == 200 and result.complete and parse_sse(result.body)[-1][0] == "done", result.body
+    after_last_token = result.body.rsplit(b'"lo"', 1)[-1]
+    assert b": ping" not in after_last_token and b"error" not in after_last_token
