@@ -15,6 +15,8 @@ import socket
 import sys
 import tempfile
 
+import gunicorn.util
+
 from settings import SettingsError, load_settings
 
 try:
@@ -97,6 +99,8 @@ def post_worker_init(worker):
     to stop (SIGTERM, or HUP's restart). Runs in the worker after it has imported the app."""
     import streaming
 
+    gunicorn.util.write_error = _write_json_error  # the worker's refusals of requests it cannot parse
+
     gc.freeze()  # modules, routes, settings: alive for the worker's life, no pass need look at them
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
@@ -107,6 +111,21 @@ def post_worker_init(worker):
         stop_worker(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own answer to a request it cannot parse (a bad request line, headers too large,
+    broken framing), in the contract's JSON error shape instead of its HTML page."""
+    from errors import RelayError
+
+    refused = status_int < 500
+    error = RelayError(
+        status_int, "invalid_request" if refused else "internal_error", f"{reason}: {mesg}",
+        error_type="invalid_request_error" if refused else None,
+    )  # fmt: skip
+    body = error.to_json()
+    head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    gunicorn.util.write_nonblock(sock, head.encode("latin1") + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
 def post_request(worker, req, environ, resp):

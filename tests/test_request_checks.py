@@ -196,3 +196,37 @@ def test_a_chunked_body_with_broken_framing_is_400(relay):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), head
     assert b"application/json" in head and json.loads(body)["error"]["code"] == "invalid_request"
+
+
+def raw_exchange(relay, request: bytes) -> tuple[bytes, bytes]:
+    """Send raw bytes, read until the relay closes; the answer's head and body."""
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # the server closed with some of our bytes unread: its answer came first
+            pass
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 9000 + b"\r\n\r\n", 431),  # a header past gunicorn's limit
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # past the line limit, within one read
+        (b"NOT A REQUEST LINE\r\n\r\n", 400),
+        (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", 400),
+        (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400),
+    ],
+    ids=["header-too-large", "uri-too-long", "bad-request-line", "length-and-chunked", "bad-length"],
+)
+def test_a_request_the_server_cannot_parse_gets_a_json_error_too(relay, request_bytes, status):
+    head, body = raw_exchange(relay, request_bytes)
+    assert head.startswith(b"HTTP/1.1 %d" % status), head
+    assert b"Content-Type: application/json" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request" and error["message"] and error["type"] == "invalid_request_error"
+    assert relay.request("GET", "/healthz").status == 200, "the relay goes on serving"
