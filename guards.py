@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -42,7 +43,7 @@ class Guards:
             CORS(
                 app,
                 resources={r"/api/*": {}, r"/v1/*": {}},
-                origins=list(settings.allowed_origins),
+                origins=[_exactly(origin) for origin in settings.allowed_origins],
                 allow_headers="*",  # echoes what the preflight asks for: the npm SDK sends X-Stainless-*
                 expose_headers=["X-Request-ID", "X-Relay-Stream-Id"],
                 max_age=600,
@@ -230,3 +231,8 @@ def _limits_storage_uri(redis_url: str | None) -> str:
     if redis_url is None:
         return "memory://"
     return "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
+
+
+def _exactly(origin: str):
+    """An allowed origin for flask-cors, which would read one with brackets (an IPv6 host) as a regex."""
+    return origin if origin == "*" else re.compile(re.escape(origin) + r"\Z", re.IGNORECASE)

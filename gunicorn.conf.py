@@ -118,9 +118,9 @@ def _write_json_error(sock, status_int, reason, mesg):
     broken framing), in the contract's JSON error shape instead of its HTML page."""
     from errors import RelayError
 
-    refused = status_int < 500
+    refused = status_int != 500  # 501 too: a Transfer-Encoding the server does not know is the caller's
     error = RelayError(
-        status_int, "invalid_request" if refused else "internal_error", f"{reason}: {mesg}",
+        status_int, "invalid_request" if refused else "internal_error", f"{reason}: {mesg}" if mesg else reason,
         error_type="invalid_request_error" if refused else None,
     )  # fmt: skip
     body = error.to_json()

@@ -1149,6 +1149,7 @@ class ResumableStream(_Answer):
         self._ending = False  # the reader is recording and queueing the answer's end: leave it be
         self._waiting_since: float | None = None  # when the caller started waiting on the queue, if it is
         self._reading_since: float | None = None  # when the reader started waiting on the body, if it is
+        self._read_number = 0  # which wait on the body: a silence notice for an earlier one is dropped
         self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False
         self._on_retired: Callable[[], None] | None = None
@@ -1179,6 +1180,7 @@ class ResumableStream(_Answer):
                     chunk = None  # [DONE] came but the body's end did not: end the answer, drop the connection
                 finally:
                     self._reading_since = None
+                    self._read_number += 1  # a silence notice meant for this read is stale from here
                 if not chunk:
                     break
                 events = decoder.feed(chunk)
@@ -1243,7 +1245,7 @@ class ResumableStream(_Answer):
         reading_since = self._reading_since
         if reading_since is not None and now - reading_since >= self._silence_allowed() and not self._ending:
             self._reading_since = None
-            self._reader.kill(_UpstreamSilent(), block=False)
+            gevent.get_hub().loop.run_callback(self._silence_reader, self._read_number)
         if self.detached:
             if not self._checking_followers:
                 self._checking_followers = True
@@ -1256,6 +1258,12 @@ class ResumableStream(_Answer):
             self._notify(_GONE)
         elif self._committed and self._heartbeat and now - waiting_since >= self._heartbeat and not self.translator.done:
             self._notify(PING)
+
+    def _silence_reader(self, read_number: int) -> None:
+        """End the answer of a reader whose upstream went silent, if it is still in that read: bytes
+        that arrived meanwhile (the body's end after [DONE]) may have let it go on."""
+        if read_number == self._read_number and not self._ending and not self._reader.dead:
+            self._reader.throw(_UpstreamSilent())
 
     def _notify(self, item) -> None:
         self._waiting_since = None  # one notice per wait

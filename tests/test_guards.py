@@ -217,12 +217,17 @@ def test_stream_slots_renew_their_sets_expiry_so_long_streams_stay_counted(redis
 
 
 def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):
-    relay = relay_factory(RELAY_ALLOWED_ORIGINS="https://App.Example.com:443/,http://localhost:5173")
-    for origin in ("https://app.example.com", "http://localhost:5173"):
+    relay = relay_factory(RELAY_ALLOWED_ORIGINS="https://App.Example.com:443/,http://localhost:5173,http://[::1]:5173")
+    for origin in ("https://app.example.com", "http://localhost:5173", "http://[::1]:5173"):
         result = relay.stream(quick(upstream), headers={"Origin": origin})
         assert result.status == 200, (origin, result.body)
-    for origin in ("https://app.example.com:8443", "http://[", "null"):
+        assert result.headers.get("access-control-allow-origin") == origin, "the browser would drop the answer"
+        preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert preflight.headers.get("access-control-allow-origin") == origin
+    for origin in ("https://app.example.com:8443", "http://[", "null", "http://1:5173"):  # [::1] is no regex class
         assert_error(relay.stream(quick(upstream), headers={"Origin": origin}), 403, "origin_not_allowed")
+        preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers, origin
 
 
 # --- logs and secrets ----------------------------------------------------------------------------

@@ -220,8 +220,9 @@ def raw_exchange(relay, request: bytes) -> tuple[bytes, bytes]:
         (b"NOT A REQUEST LINE\r\n\r\n", 400),
         (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", 400),
         (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400),
+        (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n", 501),  # still the caller's
     ],
-    ids=["header-too-large", "uri-too-long", "bad-request-line", "length-and-chunked", "bad-length"],
+    ids=["header-too-large", "uri-too-long", "bad-request-line", "length-and-chunked", "bad-length", "unknown-coding"],
 )
 def test_a_request_the_server_cannot_parse_gets_a_json_error_too(relay, request_bytes, status):
     head, body = raw_exchange(relay, request_bytes)
