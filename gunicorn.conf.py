@@ -17,6 +17,7 @@ import tempfile
 
 import gunicorn.util
 
+from errors import RelayError
 from settings import SettingsError, load_settings
 
 try:
@@ -116,8 +117,6 @@ def post_worker_init(worker):
 def _write_json_error(sock, status_int, reason, mesg):
     """gunicorn's own answer to a request it cannot parse (a bad request line, headers too large,
     broken framing), in the contract's JSON error shape instead of its HTML page."""
-    from errors import RelayError
-
     refused = status_int != 500  # 501 too: a Transfer-Encoding the server does not know is the caller's
     error = RelayError(
         status_int, "invalid_request" if refused else "internal_error", f"{reason}: {mesg}" if mesg else reason,

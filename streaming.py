@@ -28,11 +28,11 @@ import gevent
 import gevent.queue
 import orjson
 import requests
-from gevent.monkey import get_original
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
 import urllib3.util.ssl_
+from gevent.monkey import get_original
 from requests.adapters import HTTPAdapter
 
 from errors import RelayError, register_secret
@@ -44,8 +44,6 @@ CLIENT_POLL_SECONDS = 0.5  # how often a silent stream checks that its caller is
 # After [DONE] the answer is whole; the body's own end may take this long before the relay ends the
 # answer anyway and drops the connection (which it would otherwise have kept for the next stream).
 DONE_LINGER_SECONDS = 0.5
-
-_kernel_poll = get_original("select", "poll")
 READ_BYTES = 16384  # per socket read: a chat chunk is far smaller, a firehose read fills it
 QUEUE_DEPTH = 256  # reads buffered between upstream and a slow caller before the reader waits
 RETRY_BASE_SECONDS = 0.25
@@ -905,9 +903,12 @@ def client_socket_closed(sock) -> bool:
     return peeked == b""
 
 
+_kernel_poll = get_original("select", "poll")  # gevent's replacement has no RDHUP
+
+
 def _peer_hung_up(raw_sock) -> bool:
     """Whether the peer closed its side, whatever unread bytes come before the close (Linux's RDHUP)."""
-    poller = _kernel_poll()  # the kernel's own poll, asked without waiting: gevent's has no RDHUP
+    poller = _kernel_poll()  # asked without waiting, so it never blocks the worker
     poller.register(raw_sock.fileno(), select.POLLRDHUP)
     return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
