@@ -9,6 +9,7 @@ what was missed, then the live events to the end. Nothing here imports Flask.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -25,6 +26,8 @@ STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # secrets.token_urlsafe(16): 128
 _LAST_EVENT_ID = re.compile(r"^([A-Za-z0-9_-]{22}):([0-9]{1,9})$")
 SWEEP_SECONDS = 1.0  # how often the memory store forgets expired answers, at most
 REDIS_BLOCK_SECONDS = 5.0  # one blocking read's wait; a follower re-checks the record after it
+WRITE_RETRY_SECONDS = 1.0  # how long a failed write is sent again (the answer's caller waits) before it is lost
+WRITE_RETRY_FIRST_PAUSE = 0.05  # doubling after each attempt
 
 
 def new_stream_id() -> str:
@@ -73,15 +76,17 @@ class MemoryResumeStore:
         self._records[stream_id] = _MemoryRecord(owner, time.monotonic() + self._live)
         return stream_id
 
-    def append(self, stream_id: str, frames: list[bytes], end: bool) -> None:
+    def append(self, stream_id: str, frames: list[bytes], end: bool) -> bool:
+        """Store an answer's next frames; returns False once its record is no longer being kept."""
         record = self._records.get(stream_id)
         if record is None or record.ended:
-            return
+            return False
         record.frames.extend(frames)
         record.ended = record.ended or end
         record.expires_at = time.monotonic() + (self._linger if end else self._live)
         changed, record.changed = record.changed, gevent.event.Event()
         changed.set()
+        return True
 
     def info(self, stream_id: str) -> RecordInfo | None:
         record = self._get(stream_id)
@@ -154,7 +159,10 @@ class RedisResumeStore:
     Appends are group-committed: one greenlet per worker sends everything the worker's answers
     appended meanwhile as one pipeline, and each ``append`` returns once its events are stored. So a
     caller never receives an event before it is in the record, and under load one round-trip
-    carries the events of many answers.
+    carries the events of many answers. Each answer's part of a pipeline is one script that stores
+    only the frames its record lacks, so a pipeline that failed, wholly or in part, is simply sent
+    again; if Redis still fails after ``WRITE_RETRY_SECONDS``, the answers waiting on it go on
+    unrecorded and their records are dropped (resumes then get 404, followers the lost frame).
     """
 
     def __init__(self, url: str, linger_seconds: float, live_seconds: float):
@@ -165,6 +173,7 @@ class RedisResumeStore:
         self._renewed: dict[str, float] = {}  # when each answer's keys last had their expiry pushed back
         self._batch = _Batch()
         self._committer = None
+        self._script_loaded = False
         self._touch = self._redis.register_script(_TOUCH)
 
     @staticmethod
@@ -186,32 +195,31 @@ class RedisResumeStore:
         self._renewed[stream_id] = 0.0
         return stream_id
 
-    def append(self, stream_id: str, frames: list[bytes], end: bool) -> None:
+    def append(self, stream_id: str, frames: list[bytes], end: bool) -> bool:
+        """Store an answer's next frames; returns False once its record is no longer being kept."""
         seq = self._seqs.get(stream_id)
-        if seq is None or not frames:
-            return
+        if seq is None:
+            return False  # ended, discarded, or lost
+        if not frames:
+            return True
         events, info = self._keys(stream_id)
-        commands = self._batch.commands
-        for index, frame in enumerate(frames):
-            if end and index == len(frames) - 1:
-                commands.append(("XADD", events, f"0-{seq + index}", "f", frame, "end", "1"))
-            else:
-                commands.append(("XADD", events, f"0-{seq + index}", "f", frame))
+        ttl = 0  # leave the keys' expiry as it is
         now = time.monotonic()
         if end or now - self._renewed[stream_id] > self._live / 4:  # not every event: an answer lasts minutes
             self._renewed[stream_id] = now
             ttl = self._linger if end else self._live
-            commands += [("EXPIRE", events, ttl), ("EXPIRE", info, ttl)]
-        if end:
-            commands.append(("HSET", info, "ended", 1))
+        command = ("EVALSHA", _APPEND_SHA, 2, events, info, seq, 1 if end else 0, ttl, *frames)
+        self._batch.writes.append((stream_id, command))
         self._seqs[stream_id] = seq + len(frames)
         if end:
             self._forget(stream_id)
         batch = self._commit_soon()
         batch.done.wait()
-        if not batch.stored:
-            log.warning("Redis unavailable: stopped recording a resumable answer")
-            self._forget(stream_id)
+        if stream_id in batch.lost:
+            log.warning("Redis unavailable: stopped recording a resumable answer, and dropped its record")
+            self.discard(stream_id)  # a record with a hole would refuse or stall resumes: none is clearer
+            return False
+        return True
 
     def _commit_soon(self) -> _Batch:
         """Make sure the committer will send the batch being filled; returns that batch."""
@@ -220,20 +228,48 @@ class RedisResumeStore:
         return self._batch
 
     def _commit_forever(self) -> None:
-        while self._batch.commands:
+        """Send batches until none is waiting. A batch that fails is sent again for a moment, so a
+        Redis blip leaves every record whole; the answers still unstored after that are lost."""
+        while self._batch.writes:
             batch, self._batch = self._batch, _Batch()
+            unsent = batch.writes
+            pause = WRITE_RETRY_FIRST_PAUSE
+            give_up_at = time.monotonic() + WRITE_RETRY_SECONDS
             try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    for command in batch.commands:
-                        pipe.execute_command(*command)
-                    pipe.execute()
-                batch.stored = True
-            except redis.RedisError:
-                pass  # each waiting answer stops recording; the keys expire by themselves
+                while True:
+                    unsent = self._send(unsent, batch.lost)
+                    if not unsent or time.monotonic() + pause > give_up_at:
+                        break
+                    gevent.sleep(pause)
+                    pause *= 2
             except Exception:
                 log.exception("recording resumable answers failed")
             finally:
+                batch.lost.update(stream_id for stream_id, _ in unsent)
                 batch.done.set()
+
+    def _send(self, writes: list[tuple[str, tuple]], lost: set[str]) -> list[tuple[str, tuple]]:
+        """Send ``writes`` as one pipeline; returns those to send again. Answers whose record is
+        gone, or would have a hole, go into ``lost``. Sending a write twice stores it once."""
+        try:
+            if not self._script_loaded:
+                self._redis.script_load(_APPEND)
+                self._script_loaded = True
+            with self._redis.pipeline(transaction=False) as pipe:
+                for _, command in writes:
+                    pipe.execute_command(*command)
+                replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError:
+            return writes
+        unsent = []
+        for write, reply in zip(writes, replies):
+            if isinstance(reply, Exception):
+                if isinstance(reply, redis.exceptions.NoScriptError):  # Redis restarted, or its scripts were flushed
+                    self._script_loaded = False
+                unsent.append(write)
+            elif write[1][0] == "EVALSHA" and reply != 1:
+                lost.add(write[0])
+        return unsent
 
     def _forget(self, stream_id: str) -> None:
         self._seqs.pop(stream_id, None)
@@ -292,7 +328,7 @@ class RedisResumeStore:
     def discard(self, stream_id: str) -> None:
         """Delete the record, after any of its appends still waiting to be sent (they would recreate it)."""
         self._forget(stream_id)
-        self._batch.commands.append(("DEL", *self._keys(stream_id)))
+        self._batch.writes.append((stream_id, ("DEL", *self._keys(stream_id))))
         self._commit_soon()
 
 
@@ -309,15 +345,45 @@ return {1, redis.call('HEXISTS', KEYS[1], 'ended')}
 """
 
 
-class _Batch:
-    """Commands waiting for the next pipeline, and how the ones already sent went."""
+# Append one answer's frames from sequence ARGV[1] on, only those its record lacks, so sending the
+# same append twice (after a reply was lost) stores it once. ARGV[2] is 1 when the last frame ends
+# the answer, ARGV[3] the keys' new expiry (0: unchanged). Returns 1, or 0 when the record is gone
+# or would get a hole: the writer then stops recording that answer.
+_APPEND = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local first = tonumber(ARGV[1])
+local count = #ARGV - 3
+local stored = 0
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if top then stored = tonumber(string.match(top[1], '%d+$')) end
+if stored < first - 1 then return 0 end
+for index = stored - first + 2, count do
+    if index == count and ARGV[2] == '1' then
+        redis.call('XADD', KEYS[1], '0-' .. (first + index - 1), 'f', ARGV[3 + index], 'end', '1')
+    else
+        redis.call('XADD', KEYS[1], '0-' .. (first + index - 1), 'f', ARGV[3 + index])
+    end
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[2], ttl)
+end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[2], 'ended', 1) end
+return 1
+"""
+_APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
 
-    __slots__ = ("commands", "done", "stored")
+
+class _Batch:
+    """Writes waiting for the next pipeline, each with its answer's id, and which answers it lost."""
+
+    __slots__ = ("writes", "done", "lost")
 
     def __init__(self):
-        self.commands: list[tuple] = []
+        self.writes: list[tuple[str, tuple]] = []
         self.done = gevent.event.Event()
-        self.stored = False
+        self.lost: set[str] = set()
 
 
 def _seq_of(entry_id: bytes) -> int:
@@ -331,11 +397,16 @@ class StreamRecording:
         self.store = store
         self.stream_id = stream_id
         self.linger_seconds = linger_seconds
+        self.lost = False  # the store stopped keeping the record (Redis failed): nobody can resume it
 
     def append(self, frames: list[bytes], end: bool = False) -> None:
-        self.store.append(self.stream_id, frames, end)
+        if not self.lost and not self.store.append(self.stream_id, frames, end):
+            self.lost = True
 
     def status(self) -> tuple[float | None, bool]:
+        """When a follower last read the answer, and whether it is to stop (as the store says)."""
+        if self.lost:
+            return None, True  # a detached answer nobody can resume has nobody to go on for
         return self.store.status(self.stream_id)
 
     def discard(self) -> None:

@@ -1350,7 +1350,7 @@ class ResumableStream(_Answer):
         Returns False (call ``close()`` instead) when there is nothing to keep going. Otherwise
         ``on_retired`` runs once the reader has stopped, however it stopped.
         """
-        if self._recording is None or self._reader.dead:
+        if self._recording is None or self._recording.lost or self._reader.dead:
             return False
         self._on_retired = on_retired
         self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)
