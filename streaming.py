@@ -171,14 +171,13 @@ def sse_error_frame(error: RelayError) -> bytes:
 
 
 def _upstream_event_error(error) -> RelayError:
-    if not isinstance(error, dict):
-        error = {"message": str(error)}
+    error = _error_object(error)
     code = error.get("code")
-    message = error.get("message") or "The upstream reported an error mid-stream."
+    message = error["message"] or "The upstream reported an error mid-stream."
     return RelayError(
         502,
         code if isinstance(code, str) and code else "upstream_error",
-        "Upstream error: " + str(message),
+        "Upstream error: " + message,
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         outcome="upstream_error",
     )
@@ -593,7 +592,12 @@ def _error_fields(body: bytes) -> dict:
         return {}
     if not isinstance(parsed, dict):
         return {}
-    error = parsed.get("error", parsed.get("detail"))
+    return _error_object(parsed.get("error", parsed.get("detail")))
+
+
+def _error_object(error) -> dict:
+    """An upstream's error value as an object whose ``message`` is a string (or None): a bare value
+    becomes the message, and a message that is not a string is passed on as its JSON."""
     if not isinstance(error, dict):
         error = {"message": error}
     message = error.get("message")

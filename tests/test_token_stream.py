@@ -216,6 +216,21 @@ def test_mid_stream_error_event_ends_sse_with_event_error(relay, upstream):
     assert not any(kind == "done" for kind, _ in parsed)
 
 
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ({"message": {"detail": "nested"}}, 'Upstream error: {"detail":"nested"}'),  # passed on as JSON, as before the first byte
+        ("a bare string", "Upstream error: a bare string"),
+        ({"message": None, "code": "overloaded"}, "Upstream error: The upstream reported an error mid-stream."),
+    ],
+)
+def test_a_mid_stream_error_of_any_shape_is_passed_on_as_text(relay, upstream, error, message):
+    events = sse_answer(["a"], done=False)[:2] + [f"data: {json.dumps({'error': error})}\n\n".encode()]
+    parsed = parse_sse(relay.stream(upstream.script(stream_script(events)), sse=True).body)
+    assert parsed[-1][0] == "error"
+    assert json.loads(parsed[-1][1])["error"]["message"] == message
+
+
 def test_truncated_upstream_aborts_the_plain_text_answer(relay, upstream):
     events = sse_answer(["a", "b", "c"], done=False)[:3]  # no finish_reason, no [DONE]
     result = relay.stream(upstream.script(stream_script(events)))
