@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -26,8 +27,10 @@ STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # secrets.token_urlsafe(16): 128
 _LAST_EVENT_ID = re.compile(r"^([A-Za-z0-9_-]{22}):([0-9]{1,9})$")
 SWEEP_SECONDS = 1.0  # how often the memory store forgets expired answers, at most
 REDIS_BLOCK_SECONDS = 5.0  # one blocking read's wait; a follower re-checks the record after it
-WRITE_RETRY_SECONDS = 1.0  # how long a failed write is sent again (the answer's caller waits) before it is lost
+WRITE_RETRY_SECONDS = 1.0  # how long failed writes are sent again (their answers' callers wait) before they are lost
 WRITE_RETRY_FIRST_PAUSE = 0.05  # doubling after each attempt
+WRITE_TIMEOUT_SECONDS = 1.0  # one write's wait for Redis (a Redis that stopped answering costs no more)
+DELETE_RETRY_PAUSE_SECONDS = 1.0  # between attempts to delete records while Redis refuses
 
 
 def new_stream_id() -> str:
@@ -79,8 +82,10 @@ class MemoryResumeStore:
     def append(self, stream_id: str, frames: list[bytes], end: bool) -> bool:
         """Store an answer's next frames; returns False once its record is no longer being kept."""
         record = self._records.get(stream_id)
-        if record is None or record.ended:
+        if record is None:
             return False
+        if record.ended or not frames:
+            return True
         record.frames.extend(frames)
         record.ended = record.ended or end
         record.expires_at = time.monotonic() + (self._linger if end else self._live)
@@ -162,17 +167,25 @@ class RedisResumeStore:
     carries the events of many answers. Each answer's part of a pipeline is one script that stores
     only the frames its record lacks, so a pipeline that failed, wholly or in part, is simply sent
     again; if Redis still fails after ``WRITE_RETRY_SECONDS``, the answers waiting on it go on
-    unrecorded and their records are dropped (resumes then get 404, followers the lost frame).
+    unrecorded and their records are deleted as soon as Redis takes it (resumes then get 404,
+    followers the lost frame).
     """
 
     def __init__(self, url: str, linger_seconds: float, live_seconds: float):
         self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_BLOCK_SECONDS + 5, socket_connect_timeout=2)
+        # Writes have their own connections, with a short timeout: a write can be sent again safely,
+        # and an answer's caller waits for it (followers' blocking reads need the long one).
+        self._writer = redis.Redis.from_url(url, socket_timeout=WRITE_TIMEOUT_SECONDS, socket_connect_timeout=WRITE_TIMEOUT_SECONDS)
         self._linger = max(1, round(linger_seconds))
         self._live = max(1, round(live_seconds))
         self._seqs: dict[str, int] = {}  # the next sequence number of each answer this process writes
         self._renewed: dict[str, float] = {}  # when each answer's keys last had their expiry pushed back
+        self._waiting: dict[str, _Batch] = {}  # an answer's write that was in flight when its wait was interrupted
+        self._doomed: dict[str, float] = {}  # records to delete, until when (after that they have expired anyway)
         self._batch = _Batch()
         self._committer = None
+        self._wake = gevent.event.Event()  # wakes a committer waiting to send deletions again
+        self._failing_since: float | None = None  # when writes started failing; None while they succeed
         self._script_loaded = False
         self._touch = self._redis.register_script(_TOUCH)
 
@@ -184,7 +197,7 @@ class RedisResumeStore:
         stream_id = new_stream_id()
         _, info = self._keys(stream_id)
         try:
-            with self._redis.pipeline(transaction=True) as pipe:  # never a key without its expiry
+            with self._writer.pipeline(transaction=True) as pipe:  # never a key without its expiry
                 pipe.hset(info, mapping={"owner": owner})
                 pipe.expire(info, self._live)
                 pipe.execute()
@@ -192,16 +205,19 @@ class RedisResumeStore:
             log.warning("Redis unavailable: this answer is not resumable")
             return None
         self._seqs[stream_id] = 1
-        self._renewed[stream_id] = 0.0
+        self._renewed[stream_id] = -math.inf  # the first append sets the events' expiry
         return stream_id
 
     def append(self, stream_id: str, frames: list[bytes], end: bool) -> bool:
         """Store an answer's next frames; returns False once its record is no longer being kept."""
+        interrupted = self._waiting.get(stream_id)
+        if interrupted is not None and not self._settled(stream_id, interrupted):
+            return False  # a stop landed while the answer waited: its frames are not delivered unstored
+        if not frames:
+            return True
         seq = self._seqs.get(stream_id)
         if seq is None:
             return False  # ended, discarded, or lost
-        if not frames:
-            return True
         events, info = self._keys(stream_id)
         ttl = 0  # leave the keys' expiry as it is
         now = time.monotonic()
@@ -213,49 +229,100 @@ class RedisResumeStore:
         self._seqs[stream_id] = seq + len(frames)
         if end:
             self._forget(stream_id)
-        batch = self._commit_soon()
-        batch.done.wait()
+        return self._settled(stream_id, self._commit_soon())
+
+    def _settled(self, stream_id: str, batch: _Batch) -> bool:
+        """Wait until ``batch`` is sent; whether this answer's write in it was stored."""
+        self._waiting[stream_id] = batch
+        batch.done.wait()  # a stop raised here leaves the entry: the answer's next append waits again
+        self._waiting.pop(stream_id, None)
         if stream_id in batch.lost:
             log.warning("Redis unavailable: stopped recording a resumable answer, and dropped its record")
             self.discard(stream_id)  # a record with a hole would refuse or stall resumes: none is clearer
             return False
         return True
 
+    def discard(self, stream_id: str) -> None:
+        """Delete the record: with the next batch, after any of its writes still waiting, and again
+        until Redis takes it (or the record has expired by itself)."""
+        self._forget(stream_id)
+        self._doomed[stream_id] = time.monotonic() + max(self._live, self._linger)
+        self._commit_soon()
+
+    def _forget(self, stream_id: str) -> None:
+        self._seqs.pop(stream_id, None)
+        self._renewed.pop(stream_id, None)
+        self._waiting.pop(stream_id, None)
+
     def _commit_soon(self) -> _Batch:
         """Make sure the committer will send the batch being filled; returns that batch."""
         if self._committer is None or self._committer.dead:
             self._committer = gevent.spawn(self._commit_forever)
+        else:
+            self._wake.set()
         return self._batch
 
     def _commit_forever(self) -> None:
-        """Send batches until none is waiting. A batch that fails is sent again for a moment, so a
-        Redis blip leaves every record whole; the answers still unstored after that are lost."""
-        while self._batch.writes:
+        """Send batches, and the deletions Redis has not taken yet, until none is left.
+
+        A batch that fails is sent again until ``WRITE_RETRY_SECONDS`` after writes started failing,
+        so a Redis blip leaves every record whole; the answers still unstored then are lost. While
+        writes keep failing, each later batch gets one attempt, so no caller waits a second window.
+        """
+        while self._batch.writes or self._doomed:
+            if not self._batch.writes and self._failing_since is not None:
+                # Only deletions are left, and Redis refused the last attempt: try again in a while.
+                self._wake.clear()
+                self._wake.wait(DELETE_RETRY_PAUSE_SECONDS)
+                now = time.monotonic()
+                for stream_id in [key for key, until in self._doomed.items() if until <= now]:
+                    del self._doomed[stream_id]
+                if not self._doomed and not self._batch.writes:
+                    return
             batch, self._batch = self._batch, _Batch()
-            unsent = batch.writes
-            pause = WRITE_RETRY_FIRST_PAUSE
-            give_up_at = time.monotonic() + WRITE_RETRY_SECONDS
+            unsent: list[tuple[str, tuple]] = batch.writes
             try:
-                while True:
-                    unsent = self._send(unsent, batch.lost)
-                    if not unsent or time.monotonic() + pause > give_up_at:
-                        break
-                    gevent.sleep(pause)
-                    pause *= 2
+                unsent = self._send_until_stored(batch)
             except Exception:
                 log.exception("recording resumable answers failed")
             finally:
-                batch.lost.update(stream_id for stream_id, _ in unsent)
+                batch.lost.update(stream_id for stream_id, command in unsent if command[0] != "DEL")
                 batch.done.set()
+
+    def _send_until_stored(self, batch: _Batch) -> list[tuple[str, tuple]]:
+        """Send the batch and the pending deletions, again while Redis fails and time allows; returns
+        the writes never stored."""
+        doomed = list(self._doomed)
+        writes = batch.writes + [(stream_id, ("DEL", *self._keys(stream_id))) for stream_id in doomed]
+        give_up_at = (time.monotonic() if self._failing_since is None else self._failing_since) + WRITE_RETRY_SECONDS
+        pause = WRITE_RETRY_FIRST_PAUSE
+        while True:
+            attempted_at = time.monotonic()
+            writes = self._send(writes, batch.lost)
+            now = time.monotonic()
+            if not writes:
+                self._failing_since = None
+                break
+            if self._failing_since is None:
+                self._failing_since = attempted_at
+            if now >= give_up_at:
+                break
+            gevent.sleep(min(pause, give_up_at - now))
+            pause *= 2
+        undeleted = {stream_id for stream_id, command in writes if command[0] == "DEL"}
+        for stream_id in doomed:
+            if stream_id not in undeleted:
+                self._doomed.pop(stream_id, None)
+        return writes
 
     def _send(self, writes: list[tuple[str, tuple]], lost: set[str]) -> list[tuple[str, tuple]]:
         """Send ``writes`` as one pipeline; returns those to send again. Answers whose record is
         gone, or would have a hole, go into ``lost``. Sending a write twice stores it once."""
         try:
             if not self._script_loaded:
-                self._redis.script_load(_APPEND)
+                self._writer.script_load(_APPEND)
                 self._script_loaded = True
-            with self._redis.pipeline(transaction=False) as pipe:
+            with self._writer.pipeline(transaction=False) as pipe:
                 for _, command in writes:
                     pipe.execute_command(*command)
                 replies = pipe.execute(raise_on_error=False)
@@ -270,10 +337,6 @@ class RedisResumeStore:
             elif write[1][0] == "EVALSHA" and reply != 1:
                 lost.add(write[0])
         return unsent
-
-    def _forget(self, stream_id: str) -> None:
-        self._seqs.pop(stream_id, None)
-        self._renewed.pop(stream_id, None)
 
     def info(self, stream_id: str) -> RecordInfo | None:
         events, info = self._keys(stream_id)
@@ -325,11 +388,6 @@ class RedisResumeStore:
         except redis.RedisError:
             log.warning("Redis unavailable: could not cancel a resumable answer")
 
-    def discard(self, stream_id: str) -> None:
-        """Delete the record, after any of its appends still waiting to be sent (they would recreate it)."""
-        self._forget(stream_id)
-        self._batch.writes.append((stream_id, ("DEL", *self._keys(stream_id))))
-        self._commit_soon()
 
 
 class StoreUnavailable(Exception):

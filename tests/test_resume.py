@@ -8,15 +8,12 @@ memory, or in a real ``redis-server`` shared by two relays.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import time
 
 import pytest
-import redis
 
-import resume as resume_store
 from fake_upstream import sse_answer, stream_script
 
 RESUMABLE = {"X-Relay-Resumable": "1", "Accept": "text/event-stream", "Content-Type": "application/json"}
@@ -307,103 +304,6 @@ def test_an_answer_left_running_when_its_relay_stops_records_that_it_failed(rela
     finally:
         stopping.stop()
         staying.stop()
-
-
-@contextlib.contextmanager
-def redis_refusing_writes(redis_url: str):
-    """Redis out of memory (maxmemory 1, no eviction): every write that could grow it is refused."""
-    client = redis.Redis.from_url(redis_url)
-    client.config_set("maxmemory", 1)
-    try:
-        yield
-    finally:
-        client.config_set("maxmemory", 0)
-        client.close()
-
-
-def read_through_refused_writes(writer, upstream, redis_url: str, seconds: float) -> tuple[Events, list[dict]]:
-    """Start a paced resumable answer, read its meta and 5 tokens, then refuse Redis writes a while."""
-    answer = start_answer(writer, paced(upstream))
-    seen = answer.take(1 + 5)
-    with redis_refusing_writes(redis_url):
-        time.sleep(seconds)
-    return answer, seen
-
-
-def test_an_append_sent_again_is_stored_once_and_one_that_would_leave_a_hole_is_refused(redis_url):
-    """The script each append is sent as: what makes sending a failed pipeline again safe."""
-    client = redis.Redis.from_url(redis_url)
-    client.script_load(resume_store._APPEND)
-    events, info = resume_store.RedisResumeStore._keys(resume_store.new_stream_id())
-    client.hset(info, "owner", "")
-
-    def append(first: int, frames: list[bytes], end: int = 0, ttl: int = 0) -> int:
-        return client.evalsha(resume_store._APPEND_SHA, 2, events, info, first, end, ttl, *frames)
-
-    try:
-        assert append(1, [b"a", b"b"], ttl=30) == 1
-        assert append(1, [b"a", b"b"]) == 1  # its reply was lost: stored already
-        assert append(2, [b"b", b"c"]) == 1  # stored in part (a write refused mid-script)
-        assert append(5, [b"e"]) == 0  # event 4 is missing: the record would have a hole
-        assert append(4, [b"d"], end=1) == 1
-        entries = client.xrange(events)
-        assert [entry_id for entry_id, _ in entries] == [b"0-1", b"0-2", b"0-3", b"0-4"]
-        assert [fields[b"f"] for _, fields in entries] == [b"a", b"b", b"c", b"d"]
-        assert b"end" in entries[-1][1] and b"end" not in entries[-2][1]
-        assert client.hget(info, "ended") == b"1" and 0 < client.ttl(events) <= 30 and 0 < client.ttl(info) <= 30
-        client.delete(info)
-        assert append(5, [b"e"]) == 0  # the record was dropped: not recreated
-        assert client.xlen(events) == 4
-    finally:
-        client.delete(events, info)
-        client.close()
-
-
-def test_a_redis_blip_mid_answer_leaves_its_record_whole(redis_relays, redis_url, upstream):
-    writer, reader = redis_relays
-    answer, seen = read_through_refused_writes(writer, upstream, redis_url, seconds=0.4)  # the writer sends again
-    stream_id = answer.headers["x-relay-stream-id"]
-    seen += answer.take(10)
-    answer.hang_up()
-    follower = resume(reader, stream_id, seen[-1]["id"])
-    assert follower.status == 200, follower.response.read()
-    rest = follower.rest()
-    assert_numbered(stream_id, seen + rest, first=1)
-    assert rest[-1]["event"] == "done"
-    assert text_of(seen + rest) == UPSTREAM_TEXT
-
-
-def test_an_answer_redis_cannot_record_goes_on_whole_and_is_not_resumable(redis_relays, redis_url, upstream):
-    writer, reader = redis_relays
-    answer, seen = read_through_refused_writes(writer, upstream, redis_url, seconds=1.5)  # past the writer's retries
-    stream_id = answer.headers["x-relay-stream-id"]
-    rest = answer.rest()
-    assert_numbered(stream_id, seen + rest, first=1)
-    assert rest[-1]["event"] == "done"
-    assert text_of(seen + rest) == UPSTREAM_TEXT
-    refused = resume(reader, stream_id, None)  # a record with a hole is dropped, not half kept
-    assert refused.status == 404
-    assert json.loads(refused.response.read())["error"]["code"] == "stream_not_found"
-
-
-def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(redis_relays, redis_url, upstream):
-    writer, reader = redis_relays
-    model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))  # 15 s of answer
-    stream_id, seen = cut_after_tokens(writer, model, tokens=2)
-    follower = resume(reader, stream_id, seen[-1]["id"])
-    assert follower.status == 200
-    seen += follower.take(2)
-    with redis_refusing_writes(redis_url):
-        refused_at = time.monotonic()
-        time.sleep(1.5)
-    exchange = upstream.wait_seen(model)[0]
-    assert exchange.finished.wait(5)
-    assert exchange.closed_by_peer_at is not None and exchange.closed_by_peer_at - refused_at < 4.0
-    rest = follower.rest()  # within the follower's 15 s socket timeout, not the record's expiry
-    assert rest and rest[-1]["event"] == "error" and "done" not in [event["event"] for event in rest]
-    assert json.loads(rest[-1]["data"])["error"]["code"] == "upstream_error"
-    assert "".join(TOKENS * 5).startswith(text_of(seen + rest))
-    assert resume(reader, stream_id, seen[-1]["id"]).status == 404
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
