@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+import gevent
 import pytest
 import redis
 
@@ -244,3 +245,48 @@ def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(ho
     assert "".join(TOKENS * 5).startswith(text_of(seen + rest))
     assert eventually_not_found(reader, stream_id)
     assert exchange.closed_by_peer_at - failed_at < 3.0  # 1 s of retries, then the next watch tick
+
+
+# --- the store itself, in this process (gevent without monkey-patching: redis-py's sockets block,
+# which is fine for one writer) ----------------------------------------------------------------------
+
+
+def eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.1)  # lets the store's committer send the deletion
+    return True
+
+
+def test_the_first_write_of_an_answer_sets_its_events_expiry(redis_url):
+    # A live window longer than this host has been up: the first write must still set an expiry.
+    store = resume_store.RedisResumeStore(redis_url, linger_seconds=30, live_seconds=10**9)
+    stream_id = store.create("")
+    assert store.append(stream_id, [b"a"], end=False)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        events, info = store._keys(stream_id)
+        assert client.ttl(events) > 0 and client.ttl(info) > 0
+    finally:
+        client.delete(*store._keys(stream_id))
+        client.close()
+
+
+def test_an_answer_interrupted_while_its_write_is_in_flight_waits_for_that_write_again(link, redis_url):
+    store = resume_store.RedisResumeStore(f"redis://127.0.0.1:{link.port}/0", linger_seconds=30, live_seconds=60)
+    stream_id = store.create("")
+    assert store.append(stream_id, [b"a"], end=False)
+    link.cut()
+    try:
+        waiting = gevent.spawn(store.append, stream_id, [b"b"], False)
+        gevent.sleep(0.2)  # its write fails and is being sent again
+        waiting.kill(RuntimeError("a stop raised into the wait"), block=True)
+        started = time.monotonic()
+        stored = store.append(stream_id, [], end=False)  # what the relay does next: frames already taken
+        assert stored is False, "frames whose write never landed would reach the caller unstored"
+        assert time.monotonic() - started > 0.3  # it waited for the write, to its failure
+    finally:
+        link.restore()
+    assert eventually(lambda: resume_store.RedisResumeStore(redis_url, 30, 60).info(stream_id) is None)
