@@ -186,6 +186,8 @@ class RedisResumeStore:
         self._committer = None
         self._wake = gevent.event.Event()  # wakes a committer waiting to send deletions again
         self._failing_since: float | None = None  # when writes started failing; None while they succeed
+        self._failed_at = 0.0  # the last failed attempt
+        self._deletions_refused = False  # the last attempt left deletions undone: wait before the next
         self._script_loaded = False
         self._touch = self._redis.register_script(_TOUCH)
 
@@ -268,33 +270,42 @@ class RedisResumeStore:
         A batch that fails is sent again until ``WRITE_RETRY_SECONDS`` after writes started failing,
         so a Redis blip leaves every record whole; the answers still unstored then are lost. While
         writes keep failing, each later batch gets one attempt, so no caller waits a second window.
+        Deletions Redis refused are tried again every ``DELETE_RETRY_PAUSE_SECONDS``, or sooner
+        with the next batch.
         """
-        while self._batch.writes or self._doomed:
-            if not self._batch.writes and self._failing_since is not None:
-                # Only deletions are left, and Redis refused the last attempt: try again in a while.
-                self._wake.clear()
-                self._wake.wait(DELETE_RETRY_PAUSE_SECONDS)
+        try:
+            while True:
+                if not self._batch.writes and self._deletions_refused:
+                    self._wake.wait(DELETE_RETRY_PAUSE_SECONDS)  # set by any write or discard since the last send
                 now = time.monotonic()
                 for stream_id in [key for key, until in self._doomed.items() if until <= now]:
-                    del self._doomed[stream_id]
-                if not self._doomed and not self._batch.writes:
+                    del self._doomed[stream_id]  # expired by itself meanwhile
+                if not self._batch.writes and not self._doomed:
                     return
-            batch, self._batch = self._batch, _Batch()
-            unsent: list[tuple[str, tuple]] = batch.writes
-            try:
-                unsent = self._send_until_stored(batch)
-            except Exception:
-                log.exception("recording resumable answers failed")
-            finally:
-                batch.lost.update(stream_id for stream_id, command in unsent if command[0] != "DEL")
-                batch.done.set()
+                self._wake.clear()
+                batch, self._batch = self._batch, _Batch()
+                unsent: list[tuple[str, tuple]] = batch.writes
+                try:
+                    unsent = self._send_until_stored(batch)
+                except Exception:
+                    log.exception("recording resumable answers failed")
+                    self._deletions_refused = True  # pause before the next attempt, rather than spin
+                finally:
+                    batch.lost.update(stream_id for stream_id, command in unsent if command[0] != "DEL")
+                    batch.done.set()
+        finally:
+            self._failing_since = None  # an episode is judged afresh by the next committer
+            self._deletions_refused = False
 
     def _send_until_stored(self, batch: _Batch) -> list[tuple[str, tuple]]:
         """Send the batch and the pending deletions, again while Redis fails and time allows; returns
         the writes never stored."""
         doomed = list(self._doomed)
         writes = batch.writes + [(stream_id, ("DEL", *self._keys(stream_id))) for stream_id in doomed]
-        give_up_at = (time.monotonic() if self._failing_since is None else self._failing_since) + WRITE_RETRY_SECONDS
+        now = time.monotonic()
+        if self._failing_since is not None and now - self._failed_at > WRITE_RETRY_SECONDS + DELETE_RETRY_PAUSE_SECONDS:
+            self._failing_since = None  # nothing failed for a while: that episode is over
+        give_up_at = (now if self._failing_since is None else self._failing_since) + WRITE_RETRY_SECONDS
         pause = WRITE_RETRY_FIRST_PAUSE
         while True:
             attempted_at = time.monotonic()
@@ -303,6 +314,7 @@ class RedisResumeStore:
             if not writes:
                 self._failing_since = None
                 break
+            self._failed_at = now
             if self._failing_since is None:
                 self._failing_since = attempted_at
             if now >= give_up_at:
@@ -313,9 +325,10 @@ class RedisResumeStore:
         for stream_id in doomed:
             if stream_id not in undeleted:
                 self._doomed.pop(stream_id, None)
+        self._deletions_refused = bool(undeleted)
         return writes
 
-    def _send(self, writes: list[tuple[str, tuple]], lost: set[str]) -> list[tuple[str, tuple]]:
+    def _send(self, writes: list[tuple[str, tuple]], lost: set[str], reloaded: bool = False) -> list[tuple[str, tuple]]:
         """Send ``writes`` as one pipeline; returns those to send again. Answers whose record is
         gone, or would have a hole, go into ``lost``. Sending a write twice stores it once."""
         try:
@@ -328,14 +341,17 @@ class RedisResumeStore:
                 replies = pipe.execute(raise_on_error=False)
         except redis.RedisError:
             return writes
-        unsent = []
+        unsent, unscripted = [], []
         for write, reply in zip(writes, replies):
-            if isinstance(reply, Exception):
-                if isinstance(reply, redis.exceptions.NoScriptError):  # Redis restarted, or its scripts were flushed
-                    self._script_loaded = False
+            if isinstance(reply, redis.exceptions.NoScriptError):  # Redis restarted, or its scripts were flushed
+                unscripted.append(write)
+            elif isinstance(reply, Exception):
                 unsent.append(write)
             elif write[1][0] == "EVALSHA" and reply != 1:
                 lost.add(write[0])
+        if unscripted:
+            self._script_loaded = False
+            unsent += unscripted if reloaded else self._send(unscripted, lost, reloaded=True)  # not a failure
         return unsent
 
     def info(self, stream_id: str) -> RecordInfo | None:

@@ -35,35 +35,47 @@ class RedisLink:
         self._redis_port = redis_port
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self._mode = "open"
         self._pairs: dict[socket.socket, socket.socket] = {}  # each side of a forwarded connection -> the other
         self._held: list[socket.socket] = []  # connections accepted while silent, never forwarded
+        self._wanted: tuple[int, str] = (0, "open")  # the latest switch asked for: its number and mode
+        self._applied = 0  # the number of the last switch the thread applied
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def cut(self) -> None:
-        self._mode = "cut"
+        self._switch("cut")
 
     def silence(self) -> None:
-        self._mode = "silent"
+        self._switch("silent")
 
     def restore(self) -> None:
-        self._mode = "open"
+        self._switch("open")
 
     def close(self) -> None:
         self._stopping = True
         self._thread.join(5)
 
+    def _switch(self, mode: str) -> None:
+        """Change mode and return once the link's thread has applied it: no connection straddles."""
+        wanted = self._wanted = (self._wanted[0] + 1, mode)  # one assignment: the thread sees both or neither
+        deadline = time.monotonic() + 2
+        while self._applied != wanted[0] and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def _run(self) -> None:
         try:
             while not self._stopping:
-                mode = self._mode
-                if mode != "silent" and (self._held or (mode == "cut" and self._pairs)):
-                    self._drop_all()  # a cut resets what is open; after a silence, what it held
+                changes, mode = self._wanted
+                if changes != self._applied:
+                    if mode != "silent":  # a cut resets all; a restore drops what a silence left in doubt
+                        self._drop_all()
+                    self._applied = changes
                 watched = [self._listener] + (list(self._pairs) if mode == "open" else [])
-                readable, _, _ = select.select(watched, [], [], 0.05)
+                readable, _, _ = select.select(watched, [], [], 0.01)
                 for sock in readable:
+                    if self._wanted[0] != changes:
+                        break  # switched meanwhile: apply it first
                     if sock is self._listener:
                         self._accept(mode)
                     elif sock in self._pairs:
@@ -74,6 +86,7 @@ class RedisLink:
 
     def _accept(self, mode: str) -> None:
         client, _ = self._listener.accept()
+        client.settimeout(2)  # a send that cannot complete frees the link's thread
         if mode == "cut":
             _reset(client)
         elif mode == "silent":
@@ -238,12 +251,13 @@ def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(ho
     with redis_failing(how, link, redis_url):
         failed_at = time.monotonic()
         assert exchange.finished.wait(3.0), "the answer nobody can resume went on reading its upstream"
+        time.sleep(2.5)  # the record's deletion is refused (unreachable) more than once meanwhile
     assert exchange.closed_by_peer_at is not None
-    rest = follower.rest()  # within the follower's 15 s socket timeout, not the record's expiry
+    assert eventually_not_found(reader, stream_id, timeout=2.5)  # deleted once Redis is back, not at its expiry
+    rest = follower.rest()
     assert rest and rest[-1]["event"] == "error" and "done" not in [event["event"] for event in rest]
     assert json.loads(rest[-1]["data"])["error"]["code"] == "upstream_error"
     assert "".join(TOKENS * 5).startswith(text_of(seen + rest))
-    assert eventually_not_found(reader, stream_id)
     assert exchange.closed_by_peer_at - failed_at < 3.0  # 1 s of retries, then the next watch tick
 
 
@@ -290,3 +304,36 @@ def test_an_answer_interrupted_while_its_write_is_in_flight_waits_for_that_write
     finally:
         link.restore()
     assert eventually(lambda: resume_store.RedisResumeStore(redis_url, 30, 60).info(stream_id) is None)
+
+
+def test_a_write_queued_while_deletions_wait_to_be_retried_is_sent_at_once(link):
+    store = resume_store.RedisResumeStore(f"redis://127.0.0.1:{link.port}/0", linger_seconds=30, live_seconds=60)
+    gone, kept = store.create(""), store.create("")
+    link.cut()
+    try:
+        store.discard(gone)
+        gevent.sleep(1.2)  # its deletion was refused for a second: the committer waits a second to try again
+    finally:
+        link.restore()
+    started = time.monotonic()
+    assert store.append(kept, [b"a"], end=False)
+    assert time.monotonic() - started < 0.5, "the write waited for the deletions' pause"
+    assert eventually(lambda: store.info(gone) is None)
+
+
+def test_scripts_lost_with_a_redis_restart_are_loaded_again_without_losing_answers(link, redis_url):
+    store = resume_store.RedisResumeStore(f"redis://127.0.0.1:{link.port}/0", linger_seconds=30, live_seconds=60)
+    gone, kept = store.create(""), store.create("")
+    assert store.append(kept, [b"a"], end=False)
+    link.cut()
+    try:
+        store.discard(gone)
+        gevent.sleep(1.2)  # refused, and refused again: writes have been failing for over a second
+        client = redis.Redis.from_url(redis_url)
+        client.script_flush()  # as after a restart or a failover
+        client.close()
+    finally:
+        link.restore()
+    assert store.append(kept, [b"b"], end=False), "a healthy answer was given up for a script Redis had lost"
+    assert store.info(kept).last_seq == 2
+    store.discard(kept)
