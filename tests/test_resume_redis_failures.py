@@ -337,3 +337,24 @@ def test_scripts_lost_with_a_redis_restart_are_loaded_again_without_losing_answe
     assert store.append(kept, [b"b"], end=False), "a healthy answer was given up for a script Redis had lost"
     assert store.info(kept).last_seq == 2
     store.discard(kept)
+
+
+def test_a_blip_long_after_an_outage_gets_its_whole_retry_window(link):
+    # Records live 2 s here, so the outage outlasts the deletion it leaves pending.
+    store = resume_store.RedisResumeStore(f"redis://127.0.0.1:{link.port}/0", linger_seconds=2, live_seconds=2)
+    gone = store.create("")
+    link.cut()
+    try:
+        store.discard(gone)
+        gevent.sleep(3.0)  # every deletion attempt refused, until the record would have expired anyway
+    finally:
+        link.restore()
+    gevent.sleep(0.5)  # healthy again; nothing written meanwhile
+    kept = store.create("")
+    link.cut()
+    blip = gevent.spawn_later(0.3, link.restore)
+    try:
+        assert store.append(kept, [b"a"], end=False), "a blip after the outage was judged part of it"
+    finally:
+        blip.join()
+    assert store.info(kept).last_seq == 1
