@@ -291,7 +291,7 @@ class RedisResumeStore:
                     log.exception("recording resumable answers failed")
                     self._deletions_refused = True  # pause before the next attempt, rather than spin
                 finally:
-                    batch.lost.update(stream_id for stream_id, command in unsent if command[0] != "DEL")
+                    batch.lost.update(stream_id for stream_id, command in unsent if not _deletes(command))
                     batch.done.set()
         finally:
             self._failing_since = None  # an episode is judged afresh by the next committer
@@ -321,7 +321,7 @@ class RedisResumeStore:
                 break
             gevent.sleep(min(pause, give_up_at - now))
             pause *= 2
-        undeleted = {stream_id for stream_id, command in writes if command[0] == "DEL"}
+        undeleted = {stream_id for stream_id, command in writes if _deletes(command)}
         for stream_id in doomed:
             if stream_id not in undeleted:
                 self._doomed.pop(stream_id, None)
@@ -347,7 +347,7 @@ class RedisResumeStore:
                 unscripted.append(write)
             elif isinstance(reply, Exception):
                 unsent.append(write)
-            elif write[1][0] == "EVALSHA" and reply != 1:
+            elif not _deletes(write[1]) and reply != 1:
                 lost.add(write[0])
         if unscripted:
             self._script_loaded = False
@@ -405,7 +405,6 @@ class RedisResumeStore:
             log.warning("Redis unavailable: could not cancel a resumable answer")
 
 
-
 class StoreUnavailable(Exception):
     """The resume store cannot be reached: whether the answer exists is unknown."""
 
@@ -458,6 +457,11 @@ class _Batch:
         self.writes: list[tuple[str, tuple]] = []
         self.done = gevent.event.Event()
         self.lost: set[str] = set()
+
+
+def _deletes(command: tuple) -> bool:
+    """Whether a write is a record's deletion (the others are appends)."""
+    return command[0] == "DEL"
 
 
 def _seq_of(entry_id: bytes) -> int:

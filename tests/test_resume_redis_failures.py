@@ -160,6 +160,15 @@ def redis_failing(how: str, link: RedisLink, redis_url: str):
         link.restore()
 
 
+def eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.1)  # lets the store's committer send the deletion
+    return True
+
+
 def eventually_not_found(reader, redis_url: str, stream_id: str, timeout: float = 5.0) -> bool:
     """Whether the record is deleted within ``timeout`` (once Redis takes the deletion), and then
     resuming gets 404. (Polling with resumes instead would race: a resume that finds the record
@@ -167,10 +176,7 @@ def eventually_not_found(reader, redis_url: str, stream_id: str, timeout: float 
     client = redis.Redis.from_url(redis_url)
     keys = resume_store.RedisResumeStore._keys(stream_id)
     try:
-        deadline = time.monotonic() + timeout
-        while client.exists(*keys) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        gone = not client.exists(*keys)
+        gone = eventually(lambda: not client.exists(*keys), timeout)
     finally:
         client.close()
     return gone and resume(reader, stream_id, None).status == 404
@@ -267,15 +273,6 @@ def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(ho
 
 # --- the store itself, in this process (gevent without monkey-patching: redis-py's sockets block,
 # which is fine for one writer) ----------------------------------------------------------------------
-
-
-def eventually(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.1)  # lets the store's committer send the deletion
-    return True
 
 
 def test_the_first_write_of_an_answer_sets_its_events_expiry(redis_url):
