@@ -96,11 +96,16 @@ GC_YOUNG_THRESHOLD = 10_000
 
 
 def post_worker_init(worker):
-    """Tune the garbage collector, and start the relay's own shutdown clock when this worker is told
-    to stop (SIGTERM, or HUP's restart). Runs in the worker after it has imported the app."""
+    """Tune the garbage collector; when this worker is told to stop (SIGTERM, or HUP's restart),
+    start the relay's own shutdown clock and stop accepting at once. Runs in the worker after it
+    has imported the app, and before gunicorn starts its listeners."""
+    import gevent
+
     import streaming
 
     gunicorn.util.write_error = _write_json_error  # the worker's refusals of requests it cannot parse
+
+    listeners = _remember_listeners()
 
     gc.freeze()  # modules, routes, settings: alive for the worker's life, no pass need look at them
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -110,8 +115,37 @@ def post_worker_init(worker):
     def handle_exit(sig, frame):
         streaming.begin_shutdown(_settings.graceful_timeout)
         stop_worker(sig, frame)
+        # gunicorn's gevent worker closes its listeners at its next one-second tick; close them now,
+        # from the loop rather than from inside whatever this signal interrupted. Only this worker's
+        # copy of the socket closes: after a HUP the new workers go on accepting on theirs.
+        gevent.get_hub().loop.run_callback(_close_all, listeners)
 
     signal.signal(signal.SIGTERM, handle_exit)
+
+
+def _remember_listeners() -> list:
+    """The listening servers this worker is about to start, collected as gunicorn starts them.
+
+    gunicorn's gevent worker keeps them in a local variable of its run loop, so its module's
+    StreamServer is swapped here (before run) for a subclass that records each one it starts.
+    """
+    import gevent.server
+    import gunicorn.workers.ggevent
+
+    started = []
+
+    class RememberedStreamServer(gevent.server.StreamServer):
+        def start(self):
+            super().start()
+            started.append(self)
+
+    gunicorn.workers.ggevent.StreamServer = RememberedStreamServer
+    return started
+
+
+def _close_all(servers: list) -> None:
+    for server in servers:
+        server.close()  # gunicorn's own close() after its loop finds it closed, and does nothing more
 
 
 def _write_json_error(sock, status_int, reason, mesg):

@@ -497,6 +497,37 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_ones_and_fails_those_cut
     relay.stop()
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_sigterm_refuses_new_connections_at_once_while_streams_in_flight_go_on(relay_factory, upstream):
+    # gunicorn's gevent workers close their listeners at their next one-second tick (here 0.8 s after
+    # the signal, run after run); the relay closes them when the signal comes (here within 1 ms).
+    relay = relay_factory(fresh=True, workers=2, RELAY_GRACEFUL_TIMEOUT="5")
+    held = upstream.script(stream_script(sse_answer(list("abcd")), delay=0.4))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(stream=post(relay, ENDPOINTS[0], held, sse=True)))
+    thread.start()
+    upstream.wait_seen(held)
+    time.sleep(0.2)
+    os.killpg(relay.proc.pid, signal.SIGTERM)
+    sent_at = time.monotonic()
+    while not _refused(relay.port) and time.monotonic() < sent_at + 3:
+        time.sleep(0.02)
+    refused_after = time.monotonic() - sent_at
+    thread.join(15)
+    relay.proc.wait(15)
+    assert refused_after < 0.3, f"new connections were still accepted {refused_after:.2f} s after SIGTERM"
+    events = parse_sse(result["stream"].body)
+    assert "".join(json.loads(d)["content"] for k, d in events if k is None) == "abcd" and events[-1][0] == "done"
+    relay.stop()
+
+
 # --- the relay's own refusals, row by row, on both streaming endpoints ---------------------------
 
 
