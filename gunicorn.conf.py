@@ -15,7 +15,10 @@ import socket
 import sys
 import tempfile
 
+import gevent
+import gevent.server
 import gunicorn.util
+import gunicorn.workers.ggevent
 
 from errors import RelayError
 from settings import SettingsError, load_settings
@@ -97,15 +100,12 @@ GC_YOUNG_THRESHOLD = 10_000
 
 def post_worker_init(worker):
     """Tune the garbage collector; when this worker is told to stop (SIGTERM, or HUP's restart),
-    start the relay's own shutdown clock and stop accepting at once. Runs in the worker after it
-    has imported the app, and before gunicorn starts its listeners."""
-    import gevent
-
+    start the relay's own shutdown clock, stop accepting and close idle connections at once. Runs
+    in the worker after it has imported the app, and before gunicorn starts its listeners."""
     import streaming
 
     gunicorn.util.write_error = _write_json_error  # the worker's refusals of requests it cannot parse
-
-    listeners = _remember_listeners()
+    _connections.track()
 
     gc.freeze()  # modules, routes, settings: alive for the worker's life, no pass need look at them
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -115,37 +115,60 @@ def post_worker_init(worker):
     def handle_exit(sig, frame):
         streaming.begin_shutdown(_settings.graceful_timeout)
         stop_worker(sig, frame)
-        # gunicorn's gevent worker closes its listeners at its next one-second tick; close them now,
-        # from the loop rather than from inside whatever this signal interrupted. Only this worker's
-        # copy of the socket closes: after a HUP the new workers go on accepting on theirs.
-        gevent.get_hub().loop.run_callback(_close_all, listeners)
+        # From the loop, not from inside whatever this signal interrupted.
+        gevent.get_hub().loop.run_callback(_connections.stop_accepting_and_close_idle)
 
     signal.signal(signal.SIGTERM, handle_exit)
 
 
-def _remember_listeners() -> list:
-    """The listening servers this worker is about to start, collected as gunicorn starts them.
+class _Connections:
+    """A worker's listening servers and client connections, so that it can stop without waiting.
 
-    gunicorn's gevent worker keeps them in a local variable of its run loop, so its module's
-    StreamServer is swapped here (before run) for a subclass that records each one it starts.
+    gunicorn's gevent worker closes its listeners only at its next one-second tick, and a kept-alive
+    connection waiting for its next request (nginx keeps some open to the relay) holds the worker
+    for up to `keepalive` seconds, past RELAY_GRACEFUL_TIMEOUT, until gunicorn kills it. gunicorn
+    keeps both in locals of its run loop, so ``track`` swaps its StreamServer, before that loop
+    starts, for a subclass that records them here.
     """
-    import gevent.server
-    import gunicorn.workers.ggevent
 
-    started = []
+    def __init__(self):
+        self.servers: list = []
+        self.clients: dict = {}  # handler greenlet -> its client socket
+        self.in_request: set = set()  # handler greenlets between gunicorn's pre_ and post_request
 
-    class RememberedStreamServer(gevent.server.StreamServer):
-        def start(self):
-            super().start()
-            started.append(self)
+    def track(self) -> None:
+        connections = self
 
-    gunicorn.workers.ggevent.StreamServer = RememberedStreamServer
-    return started
+        class TrackedStreamServer(gevent.server.StreamServer):
+            def __init__(self, listener, handle, **kwargs):
+                def tracked_handle(client, address):
+                    handler = gevent.getcurrent()
+                    connections.clients[handler] = client
+                    try:
+                        handle(client, address)
+                    finally:
+                        del connections.clients[handler]
+
+                super().__init__(listener, handle=tracked_handle, **kwargs)
+
+            def start(self):
+                super().start()
+                connections.servers.append(self)
+
+        gunicorn.workers.ggevent.StreamServer = TrackedStreamServer
+
+    def stop_accepting_and_close_idle(self) -> None:
+        for server in self.servers:
+            server.close()  # only this worker's copy: after a HUP the new workers go on accepting
+        for handler, client in list(self.clients.items()):
+            if handler not in self.in_request:  # waiting for a request, its first or its next
+                try:
+                    client.shutdown(socket.SHUT_RDWR)  # its read ends, and gunicorn closes it
+                except OSError:
+                    pass
 
 
-def _close_all(servers: list) -> None:
-    for server in servers:
-        server.close()  # gunicorn's own close() after its loop finds it closed, and does nothing more
+_connections = _Connections()  # filled in each worker, for that worker
 
 
 def _write_json_error(sock, status_int, reason, mesg):
@@ -161,12 +184,17 @@ def _write_json_error(sock, status_int, reason, mesg):
     gunicorn.util.write_nonblock(sock, head.encode("latin1") + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
+def pre_request(worker, req):
+    _connections.in_request.add(gevent.getcurrent())
+
+
 def post_request(worker, req, environ, resp):
     """A stopping worker (HUP or SIGTERM) closes each keep-alive connection once its answer is done.
 
     Otherwise gunicorn's gevent worker keeps serving new requests on connections it already holds,
     nginx reuses them first, and streams started after a reload are cut at the old worker's deadline.
     """
+    _connections.in_request.discard(gevent.getcurrent())
     if not worker.alive:
         try:
             environ["gunicorn.socket"].shutdown(socket.SHUT_WR)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -525,6 +526,29 @@ def test_sigterm_refuses_new_connections_at_once_while_streams_in_flight_go_on(r
     assert refused_after < 0.3, f"new connections were still accepted {refused_after:.2f} s after SIGTERM"
     events = parse_sse(result["stream"].body)
     assert "".join(json.loads(d)["content"] for k, d in events if k is None) == "abcd" and events[-1][0] == "done"
+    relay.stop()
+
+
+def test_sigterm_closes_idle_connections_and_exits_without_waiting_for_them(relay_factory, upstream):
+    # A kept-alive connection between requests (nginx keeps some) and one that has sent nothing yet
+    # held gunicorn's worker until its kill, RELAY_GRACEFUL_TIMEOUT + 5 s after the signal.
+    relay = relay_factory(fresh=True, RELAY_GRACEFUL_TIMEOUT="10")
+    kept = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=5)
+    kept.request("GET", "/healthz")
+    assert kept.getresponse().read()
+    silent = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+    time.sleep(0.3)  # the worker has accepted it
+    os.killpg(relay.proc.pid, signal.SIGTERM)
+    sent_at = time.monotonic()
+    try:
+        relay.proc.wait(6)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the relay was still running 6 s after SIGTERM with nothing in flight")
+    assert time.monotonic() - sent_at < 3
+    assert silent.recv(1) == b"", "the connection that sent nothing was closed by the relay"
+    assert kept.sock.recv(1) == b"", "the kept-alive connection was closed by the relay"
+    silent.close()
+    kept.close()
     relay.stop()
 
 
