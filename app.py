@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from functools import partial
+from typing import Callable
 
 import orjson
 from flask import Flask, Response, g, request
@@ -51,6 +52,7 @@ from streaming import (
     client_socket_closed,
     shutting_down,
     sse_error_frame,
+    while_caller_waits,
 )
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -214,7 +216,9 @@ def _register(app: Flask, settings: Settings) -> None:
         payload = _passthrough_request(_json_body(), settings)
         if payload.get("stream") is True:
             return _relay_stream(relay, payload, PassthroughTranslator())
-        status, body = relay.upstream.request_json("POST", "/chat/completions", payload)
+        call = partial(relay.upstream.request_json, "POST", "/chat/completions", payload)
+        status, body, answer = while_caller_waits(call, _caller_gone_check())
+        g.log["completion_tokens"] = _reported_completion_tokens(answer)
         return Response(body, status, content_type="application/json")
 
     @app.get("/v1/models")
@@ -222,7 +226,7 @@ def _register(app: Flask, settings: Settings) -> None:
         if settings.models:
             data = [{"id": name, "object": "model", "created": 0, "owned_by": "chat-relay"} for name in settings.models]
             return {"object": "list", "data": data}
-        status, body = relay.upstream.request_json("GET", "/models")
+        status, body, _ = relay.upstream.request_json("GET", "/models")
         return Response(body, status, content_type="application/json")
 
 
@@ -356,7 +360,7 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
     """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
     settings, guards, fields = relay.settings, relay.guards, g.log
     client_socket = request.environ.get("gunicorn.socket")
-    client_gone = (lambda: client_socket_closed(client_socket)) if client_socket is not None else (lambda: False)
+    client_gone = _caller_gone_check()
     try:
         slot = guards.acquire_stream(fields["caller"])
     except RelayError:
@@ -406,6 +410,21 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
             finish(outcome, resumable=True)
 
     return Response(body(), 200, headers=headers)
+
+
+def _caller_gone_check() -> Callable[[], bool]:
+    """Whether this request's caller has closed its connection (never true under the development server)."""
+    client_socket = request.environ.get("gunicorn.socket")
+    if client_socket is None:
+        return lambda: False
+    return lambda: client_socket_closed(client_socket)
+
+
+def _reported_completion_tokens(answer) -> int | None:
+    """The completion tokens a non-streaming answer's usage reports, if it reports them."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
 
 def _start_recording(relay: _Relay) -> StreamRecording | None:

@@ -397,8 +397,8 @@ class UpstreamClient:
             raise _malformed(f"expected an event stream, got {content_type or 'no content type'!r}")
         return response
 
-    def request_json(self, method: str, path: str, payload: dict | None = None) -> tuple[int, bytes]:
-        """A non-streaming call: the upstream's 2xx status and JSON body, or a RelayError."""
+    def request_json(self, method: str, path: str, payload: dict | None = None) -> tuple[int, bytes, object]:
+        """A non-streaming call: the upstream's 2xx status, its JSON body as sent and as parsed; or a RelayError."""
         body = orjson.dumps(payload) if payload is not None else None
         response = self._send(method, path, body, "application/json", stream=True)
         try:
@@ -406,10 +406,10 @@ class UpstreamClient:
         finally:
             response.close()
         try:
-            orjson.loads(content)
+            document = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise _malformed("the body is not JSON") from None
-        return response.status_code, content
+        return response.status_code, content, document
 
     def _prepare(self, method: str, path: str, body: bytes | None, accept: str) -> requests.PreparedRequest:
         """The request, from a template prepared once per endpoint: preparing one costs more than sending it.
@@ -920,10 +920,10 @@ def _peer_hung_up(raw_sock) -> bool:
 class _StreamWatch:
     """One greenlet per worker keeping every open stream's clocks.
 
-    Read timeouts, heartbeats, the check that a silent stream's caller is still there, how long a
-    resumable answer whose caller left may wait for it, and the shutdown deadline are all decided
-    here, a few times a second, so that the hot path (a socket read, a queue wait) never arms a
-    timer of its own.
+    Read timeouts, heartbeats, the check that a silent stream's caller is still there (and a
+    non-streaming answer's, see ``while_caller_waits``), how long a resumable answer whose caller
+    left may wait for it, and the shutdown deadline are all decided here, a few times a second, so
+    that the hot path (a socket read, a queue wait) never arms a timer of its own.
     """
 
     def __init__(self):
@@ -955,6 +955,43 @@ class _StreamWatch:
 
 
 _watch = _StreamWatch()
+
+
+class _WatchedCall:
+    """A call to the upstream that answers all at once, kept only while its caller is still there."""
+
+    def __init__(self, client_gone: Callable[[], bool]):
+        self._client_gone = client_gone
+        self._caller = None  # the greenlet in the call, while it is
+        self._interrupting = False
+
+    def run(self, call: Callable[[], object]):
+        self._caller = gevent.getcurrent()
+        _watch.add(self, CLIENT_POLL_SECONDS)
+        try:
+            return call()
+        finally:
+            self._caller = None
+            _watch.discard(self)
+
+    def _on_tick(self, now: float) -> None:
+        if self._caller is not None and not self._interrupting and self._client_gone():
+            self._interrupting = True
+            gevent.get_hub().loop.run_callback(self._raise_in_call)
+
+    def _raise_in_call(self) -> None:
+        caller, self._caller = self._caller, None
+        if caller is not None:  # still in the call
+            caller.throw(ClientGone())
+
+
+def while_caller_waits(call: Callable[[], object], client_gone: Callable[[], bool]):
+    """``call()``, or ClientGone raised into it once the caller has gone away (checked twice a second).
+
+    A non-streaming answer can take minutes to write; when nobody will read it, the upstream request
+    is closed (urllib3 drops a connection an exception leaves mid-answer) so that no more is paid for.
+    """
+    return _WatchedCall(client_gone).run(call)
 
 
 class _Answer:

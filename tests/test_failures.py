@@ -355,6 +355,21 @@ def test_a_caller_that_sent_more_bytes_before_leaving_is_still_noticed(relay, up
     assert_upstream_closed_within_2s(exchange, gone_at)
 
 
+def test_a_non_streaming_passthrough_whose_caller_leaves_closes_its_upstream_request(relay, upstream):
+    """An answer that comes all at once can take minutes to write; nobody will read this one."""
+    model = upstream.script(lambda conn: conn.sleep_unless_hangup(20))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    exchange = upstream.wait_seen(model)[0]
+    sock.close()
+    gone_at = time.monotonic()
+    assert_upstream_closed_within_2s(exchange, gone_at)
+    [line] = relay.wait_access_line("/v1/chat/completions", model=model)
+    assert line["outcome"] == "client_disconnect" and line["status"] == 499, line
+
+
 def _worker_pids(master: int) -> list[int]:
     children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     return [int(pid) for pid in children]

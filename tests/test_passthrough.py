@@ -86,6 +86,8 @@ def test_non_streaming_returns_the_upstream_json_and_status(relay, upstream):
     assert result.choices[0].message.content == "Hi there"
     sent = upstream.seen(model)[0].request.json()
     assert sent["response_format"] == {"type": "json_object"} and sent["reasoning_effort"] == "low"
+    [line] = relay.wait_access_line("/v1/chat/completions", model=model)
+    assert line["completion_tokens"] == 2 and line["outcome"] == "ok", "the log counts what the usage reports"
 
 
 def test_callers_credentials_and_hop_by_hop_headers_never_reach_the_upstream(relay, upstream):
