@@ -78,17 +78,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "No upstream configured: set OPENAI_API_KEY (live mode, optionally OPENAI_BASE_URL) "
             "or RELAY_DEMO=1 (demo mode, no key needed)"
         )
+    models = env.csv("RELAY_MODELS", "model", "model names, or leave it unset to allow any model")
     return Settings(
         api_key=None if demo else api_key,
         base_url=env.url("OPENAI_BASE_URL", DEFAULT_BASE_URL),
         ca_bundle=env.ca_bundle("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"),
         demo=demo,
-        models=env.csv("RELAY_MODELS"),
-        default_model=env.text("RELAY_DEFAULT_MODEL"),
+        models=models,
+        default_model=_allowed_default_model(env.text("RELAY_DEFAULT_MODEL"), models),
         max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
         allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
-        access_tokens=env.csv("RELAY_ACCESS_TOKENS"),
+        access_tokens=env.csv("RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay"),
         rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
         max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
         redis_url=env.redis_url("REDIS_URL"),
@@ -126,8 +127,17 @@ class _Env:
             return False
         raise SettingsError(f"{name}={value!r}: expected 1 or 0")
 
-    def csv(self, name: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in (self.text(name) or "").split(",") if item.strip())
+    def csv(self, name: str, item: str, accepted: str) -> tuple[str, ...]:
+        """The comma-separated ``item``s in ``name`` (empty ones skipped); () when it is unset or blank."""
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        items = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if not items:
+            # commas alone were typed, not left out: reading them as unset would turn the access
+            # tokens or an allow-list off, the opposite of what was meant
+            raise SettingsError(f"{name}={raw!r} names no {item}: give a comma-separated list of {accepted}")
+        return items
 
     def integer(self, name, default, *, minimum=None, maximum=None):
         raw = self.text(name)
@@ -201,7 +211,8 @@ class _Env:
         return raw
 
     def origins(self, name: str) -> tuple[str, ...]:
-        origins = self.csv(name)
+        accepted = "origins such as https://app.example.com, or * for any, or leave it unset for same origin only"
+        origins = self.csv(name, "origin", accepted)
         normalized = []
         for origin in origins:
             as_browsers_send = "*" if origin == "*" else normalize_origin(origin)
@@ -222,6 +233,18 @@ class _Env:
         if any(item.amount < 1 for item in items):  # 0/minute would refuse every request
             raise SettingsError(refusal)
         return raw
+
+
+def _allowed_default_model(default_model: str | None, models: tuple[str, ...]) -> str | None:
+    """``default_model``, when the allow-list has it: outside it every request that names no model
+    would be refused with 403 model_not_allowed, so the mistake shows at start-up instead."""
+    if default_model is not None and models and default_model not in models:
+        allowed = ", ".join(map(repr, models))  # repr keeps the refusal one line, whatever the names hold
+        raise SettingsError(
+            f"RELAY_DEFAULT_MODEL={default_model!r} is not in RELAY_MODELS ({allowed}): "
+            "expected one of those, or add it to RELAY_MODELS"
+        )
+    return default_model
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -55,6 +55,10 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("REDIS_URL", "redis://127.0.0.1:abc/0"),
         ("RELAY_RATE_LIMIT", "0/minute"),  # would refuse every request
         ("RELAY_RATE_LIMIT", "5/minute;0/day"),
+        ("RELAY_ACCESS_TOKENS", ","),  # names no token: read as unset, the relay would start open
+        ("RELAY_ACCESS_TOKENS", " , "),
+        ("RELAY_MODELS", ","),  # names no model: read as unset, any model would be allowed
+        ("RELAY_ALLOWED_ORIGINS", ","),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
@@ -63,6 +67,43 @@ def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
     output = (result.stdout + result.stderr).strip()
     assert output.count("\n") == 0, f"expected one line, got:\n{output}"
     assert name in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "name, attribute, with_empty_items, parsed",
+    [
+        ("RELAY_ACCESS_TOKENS", "access_tokens", "tok-a,,tok-b,", ("tok-a", "tok-b")),
+        ("RELAY_MODELS", "models", " a , ,b", ("a", "b")),
+        ("RELAY_ALLOWED_ORIGINS", "allowed_origins", ",https://app.example.com,,", ("https://app.example.com",)),
+    ],
+)
+def test_a_list_setting_that_names_no_item_is_refused_but_unset_or_blank_keeps_the_default(
+    name, attribute, with_empty_items, parsed
+):
+    """Commas alone are a value someone typed, not an unset variable: reading them as unset would turn
+    the access tokens or an allow-list off, the opposite of what was meant."""
+    for value in [",", " , ", ",,"]:
+        with pytest.raises(SettingsError) as refused:
+            load_settings({**BASE, name: value})
+        message = str(refused.value)
+        assert name in message and "comma-separated" in message and "unset" in message, message
+    for value in ["", "   "]:  # empty or blank is unset, as for every other variable
+        assert getattr(load_settings({**BASE, name: value}), attribute) == ()
+    assert getattr(load_settings({**BASE, name: with_empty_items}), attribute) == parsed, "empty items are skipped"
+
+
+def test_a_default_model_outside_the_allow_list_refuses_to_start():
+    """Every request naming no model would otherwise get 403 model_not_allowed."""
+    with pytest.raises(SettingsError) as refused:
+        load_settings({**BASE, "RELAY_MODELS": "a,c", "RELAY_DEFAULT_MODEL": "b"})
+    message = str(refused.value)
+    assert "RELAY_DEFAULT_MODEL" in message and "'b'" in message and "RELAY_MODELS" in message, message
+    assert load_settings({**BASE, "RELAY_MODELS": "a,b", "RELAY_DEFAULT_MODEL": "b"}).default_model == "b"
+    assert load_settings({**BASE, "RELAY_DEFAULT_MODEL": "b"}).default_model == "b", "no allow-list: any model"
+    result = start_gunicorn({**BASE, "RELAY_MODELS": "a", "RELAY_DEFAULT_MODEL": "b"})
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and output.count("\n") == 0, f"expected one line, got:\n{output}"
+    assert "RELAY_DEFAULT_MODEL" in output and "Traceback" not in output
 
 
 def test_a_refusal_never_repeats_a_password_given_in_a_url():
