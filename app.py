@@ -24,7 +24,7 @@ import orjson
 from flask import Flask, Response, g, request
 from flask_limiter.errors import RateLimitExceeded
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import metrics
@@ -168,7 +168,10 @@ def _register(app: Flask, settings: Settings) -> None:
         message = f"{error.name}: {error.description}" if error.code != 413 else (
             f"The request body is larger than {settings.max_body_bytes} bytes."
         )
-        return relay_error(RelayError(error.code or 500, code, message))
+        response = relay_error(RelayError(error.code or 500, code, message))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)  # a 405 must say what is allowed
+        return response
 
     @app.errorhandler(ClientGone)
     def client_gone(_error):
@@ -198,7 +201,9 @@ def _register(app: Flask, settings: Settings) -> None:
         sse = _wants_events()
         recording = _start_recording(relay) if sse and request.headers.get("X-Relay-Resumable") == "1" else None
         translator = TokenTranslator(sse=sse, stream_id=recording.stream_id if recording else None)
-        return _relay_stream(relay, payload, translator, recording)
+        response = _relay_stream(relay, payload, translator, recording)
+        response.vary.add("Accept")  # plain text or events: a cache must not hand one caller the other's
+        return response
 
     @app.get("/api/streams/<stream_id>")
     def resume_stream(stream_id: str):

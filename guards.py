@@ -45,7 +45,9 @@ class Guards:
                 resources={r"/api/*": {}, r"/v1/*": {}},
                 origins=[_exactly(origin) for origin in settings.allowed_origins],
                 allow_headers="*",  # echoes what the preflight asks for: the npm SDK sends X-Stainless-*
-                expose_headers=["X-Request-ID", "X-Relay-Stream-Id"],
+                # Retry-After is not one of the headers a cross-origin page may read unasked: a 429's
+                # wait would be hidden from the app that should honour it
+                expose_headers=["X-Request-ID", "X-Relay-Stream-Id", "Retry-After"],
                 max_age=600,
             )
         self.limiter = Limiter(

@@ -80,11 +80,12 @@ def test_cors_preflight_allows_the_configured_origin_and_the_sdk_headers(locked)
     assert "origin" in result.headers.get("vary", "").lower()
 
 
-def test_an_allowed_origin_is_echoed_and_can_read_the_request_id(locked, upstream):
+def test_an_allowed_origin_is_echoed_and_can_read_the_request_id_and_retry_after(locked, upstream):
     result = locked.stream(quick(upstream), headers={"Origin": APP_ORIGIN, **bearer("tok-alpha-123456")})
     assert result.status == 200
     assert result.headers["access-control-allow-origin"] == APP_ORIGIN
-    assert "x-request-id" in result.headers["access-control-expose-headers"].lower()
+    exposed = result.headers["access-control-expose-headers"].lower()
+    assert "x-request-id" in exposed and "retry-after" in exposed, "a 429's wait must be readable by the app"
     assert "origin" in result.headers["vary"].lower()
 
 

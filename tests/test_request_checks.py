@@ -149,7 +149,9 @@ def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstre
 
 def test_unknown_paths_and_methods_get_json_errors(relay):
     assert_error(relay.request("GET", "/nope"), 404, "not_found")
-    assert_error(relay.request("GET", PATH), 405, "method_not_allowed")
+    not_allowed = relay.request("GET", PATH)
+    assert_error(not_allowed, 405, "method_not_allowed")
+    assert "POST" in not_allowed.headers["allow"].split(", "), "a 405 names the methods allowed (RFC 9110)"
 
 
 @pytest.mark.parametrize("role", [["user"], {"a": 1}, 5, None])

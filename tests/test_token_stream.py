@@ -69,6 +69,7 @@ def test_plain_text_body_is_the_concatenated_tokens_with_the_express_headers(rel
     assert result.headers["x-accel-buffering"] == "no"
     assert result.headers["x-content-type-options"] == "nosniff"
     assert result.headers["transfer-encoding"] == "chunked"
+    assert "accept" in result.headers["vary"].lower(), "the format follows Accept"
 
 
 def test_event_stream_format_sends_meta_tokens_and_done_with_usage(relay, upstream):
