@@ -518,6 +518,22 @@ def _configure_logging(level: str) -> None:
         access_log.setLevel(logging.INFO)
 
 
+def log_refused_before_parsing(status: int, error_code: str, client_socket) -> str:
+    """Account for a request gunicorn refused before the app saw it (a bad request line, headers too
+    large): its JSON log line and metrics, as for any other request. Returns its new request id."""
+    try:
+        caller = client_socket.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        caller = "unknown"
+    request_id = uuid.uuid4().hex
+    fields = {
+        "model": None, "ttft_s": None, "completion_tokens": None, "outcome": "rejected", "error": error_code,
+        "caller": caller, "request_id": request_id, "method": None, "path": None, "status": status,
+    }  # fmt: skip
+    _request_finished(fields, time.monotonic(), "unparsed")
+    return request_id
+
+
 def _request_finished(fields: dict, started: float, endpoint: str) -> None:
     """The one place a finished request is accounted for: its JSON log line and its metrics."""
     record = {"ts": round(time.time(), 3), **fields, "duration_s": round(time.monotonic() - started, 4)}

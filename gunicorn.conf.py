@@ -181,6 +181,10 @@ def _write_json_error(sock, status_int, reason, mesg):
     )  # fmt: skip
     body = error.to_json()
     head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    if refused:  # a 500 here is a request the app saw, and logged itself
+        import app
+
+        head += f"X-Request-ID: {app.log_refused_before_parsing(status_int, error.code, sock)}\r\n"
     gunicorn.util.write_nonblock(sock, head.encode("latin1") + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 

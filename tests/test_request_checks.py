@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 
 import pytest
@@ -232,4 +233,8 @@ def test_a_request_the_server_cannot_parse_gets_a_json_error_too(relay, request_
     assert b"Content-Type: application/json" in head
     error = json.loads(body)["error"]
     assert error["code"] == "invalid_request" and error["message"] and error["type"] == "invalid_request_error"
+    request_id = re.search(rb"\r\nX-Request-ID: ([0-9a-f]{32})\r\n", head)
+    assert request_id, f"a refused request has its id too: {head!r}"
+    logged = [line for line in relay.wait_access_line(None, request_id=request_id[1].decode())]
+    assert logged and logged[0]["status"] == status and logged[0]["outcome"] == "rejected", logged
     assert relay.request("GET", "/healthz").status == 200, "the relay goes on serving"
