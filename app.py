@@ -11,6 +11,7 @@ if __name__ == "__main__":  # the development server: patch before anything impo
 
     monkey.patch_all()
 
+import json
 import logging
 import re
 import socket
@@ -245,7 +246,9 @@ def _json_body() -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise RelayError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
+        body = _with_lone_surrogates_replaced(raw) if "surrogate" in str(exc) else None
+        if body is None:
+            raise RelayError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
@@ -267,6 +270,34 @@ def _read_body(limit: int) -> bytes:
     if len(raw) > limit:
         raise RelayError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
     return raw
+
+
+def _with_lone_surrogates_replaced(raw: bytes):
+    """The body, when orjson refused it only for a lone surrogate escape, each one made U+FFFD.
+
+    JavaScript strings are UTF-16: one cut inside an emoji (a message truncated by length) keeps half
+    of it, and JSON.stringify writes that half as an escape such as \\ud83d. That is valid JSON, but
+    no UTF-8 text, so neither orjson nor the upstream could take it as it is. None: not JSON at all.
+    """
+    try:
+        parsed = json.loads(raw, parse_constant=_no_constants)
+    except ValueError:
+        return None
+    return _replace_lone_surrogates(parsed)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; orjson and JSON do not
+
+
+def _replace_lone_surrogates(value):
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(key): _replace_lone_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _wants_events() -> bool:

@@ -39,6 +39,21 @@ def test_a_body_that_is_not_valid_json_is_400_invalid_json(relay):
     assert_error(relay.post(PATH, b"{nope", {"Content-Type": "application/json"}), 400, "invalid_json")
 
 
+@pytest.mark.parametrize("path", [PATH, "/v1/chat/completions"])
+def test_a_message_cut_inside_an_emoji_is_relayed_with_the_half_replaced(relay, upstream, path):
+    """JSON.stringify("hi 😀".slice(0, 4)) keeps half the emoji as the escape \\ud83d: valid JSON."""
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    body = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "hi \\ud83d"}]}' % model.encode()
+    result = relay.post(path, body, {"Content-Type": "application/json"})
+    assert result.status == 200, result.body
+    assert upstream.seen(model)[0].request.json()["messages"][0]["content"] == "hi \ufffd"
+
+
+def test_nan_is_still_not_json(relay):
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}'
+    assert_error(relay.post(PATH, body, {"Content-Type": "application/json"}), 400, "invalid_json")
+
+
 def test_a_json_body_that_is_not_an_object_is_400_invalid_json(relay):
     assert_error(relay.post(PATH, [1, 2]), 400, "invalid_json")
 
