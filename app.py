@@ -341,6 +341,7 @@ def _check_max_tokens(body: dict, settings: Settings) -> None:
             )
         named = True
     if not named and settings.max_tokens is not None:
+        body.pop("max_tokens", None)  # a null one (nothing else is left here): the cap alone names a limit
         body["max_completion_tokens"] = settings.max_tokens
 
 

@@ -157,10 +157,13 @@ def test_max_tokens_that_is_not_a_positive_integer_is_400(relay):
     assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "max_tokens": -1}), 400, "invalid_request", "max_tokens")
 
 
-def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstream):
+@pytest.mark.parametrize("named", [{}, {"max_tokens": None}, {"max_completion_tokens": None}], ids=str)
+def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstream, named):
     upstream.script(stream_script(sse_answer(["ok"])), name="script-allowed")
-    guarded.post(PATH, {"model": "script-allowed", "messages": MESSAGES})
-    assert upstream.seen("script-allowed")[-1].request.json()["max_completion_tokens"] == 100
+    guarded.post(PATH, {"model": "script-allowed", "messages": MESSAGES, **named})
+    sent = upstream.seen("script-allowed")[-1].request.json()
+    assert sent["max_completion_tokens"] == 100
+    assert "max_tokens" not in sent, "the cap goes alone, not beside a null max_tokens (models that take only max_completion_tokens)"
 
 
 def test_unknown_paths_and_methods_get_json_errors(relay):
