@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 import gevent
 import gevent.server
@@ -129,12 +130,20 @@ class _Connections:
     for up to `keepalive` seconds, past RELAY_GRACEFUL_TIMEOUT, until gunicorn kills it. gunicorn
     keeps both in locals of its run loop, so ``track`` swaps its StreamServer, before that loop
     starts, for a subclass that records them here.
+
+    Once the worker is stopping, a connection is closed when it is idle: not inside a request, no
+    request bytes waiting in it, and either it has carried a request before or it has been open
+    for NEW_CONNECTION_GRACE_SECONDS (a new one's first request may be on its way: closing it would
+    fail that request, as Go's http.Server.Shutdown also reasons). Passes repeat every second.
     """
+
+    NEW_CONNECTION_GRACE_SECONDS = 5.0
 
     def __init__(self):
         self.servers: list = []
-        self.clients: dict = {}  # handler greenlet -> its client socket
+        self.clients: dict = {}  # handler greenlet -> (its client socket, when it was accepted)
         self.in_request: set = set()  # handler greenlets between gunicorn's pre_ and post_request
+        self.served: set = set()  # handler greenlets whose connection has carried a whole request
 
     def track(self) -> None:
         connections = self
@@ -143,11 +152,12 @@ class _Connections:
             def __init__(self, listener, handle, **kwargs):
                 def tracked_handle(client, address):
                     handler = gevent.getcurrent()
-                    connections.clients[handler] = client
+                    connections.clients[handler] = (client, time.monotonic())
                     try:
                         handle(client, address)
                     finally:
                         del connections.clients[handler]
+                        connections.served.discard(handler)
 
                 super().__init__(listener, handle=tracked_handle, **kwargs)
 
@@ -160,12 +170,31 @@ class _Connections:
     def stop_accepting_and_close_idle(self) -> None:
         for server in self.servers:
             server.close()  # only this worker's copy: after a HUP the new workers go on accepting
-        for handler, client in list(self.clients.items()):
-            if handler not in self.in_request:  # waiting for a request, its first or its next
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        now, waiting = time.monotonic(), False
+        for handler, (client, accepted_at) in list(self.clients.items()):
+            if handler in self.in_request:
+                continue
+            if handler not in self.served and now - accepted_at < self.NEW_CONNECTION_GRACE_SECONDS:
+                waiting = True
+                continue
+            # The socket under gevent's wrapper: the wrapper's shutdown would throw an error into the
+            # greenlet reading it (logged with a traceback), the kernel's gives that reader a clean end.
+            raw = getattr(client, "_sock", client)
+            try:
+                raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                waiting = True  # a request is arriving (or the caller closed): gunicorn reads it first
+            except BlockingIOError:
                 try:
-                    client.shutdown(socket.SHUT_RDWR)  # its read ends, and gunicorn closes it
+                    raw.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            except OSError:
+                pass
+        if waiting:
+            gevent.spawn_later(1.0, self._close_idle)
 
 
 _connections = _Connections()  # filled in each worker, for that worker
@@ -181,7 +210,7 @@ def _write_json_error(sock, status_int, reason, mesg):
     )  # fmt: skip
     body = error.to_json()
     head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    if refused:  # a 500 here is a request the app saw, and logged itself
+    if refused:  # a 500 is gunicorn's own failure (mostly a request the app saw and logged), in its error log
         import app
 
         head += f"X-Request-ID: {app.log_refused_before_parsing(status_int, error.code, sock)}\r\n"
@@ -198,7 +227,9 @@ def post_request(worker, req, environ, resp):
     Otherwise gunicorn's gevent worker keeps serving new requests on connections it already holds,
     nginx reuses them first, and streams started after a reload are cut at the old worker's deadline.
     """
-    _connections.in_request.discard(gevent.getcurrent())
+    handler = gevent.getcurrent()
+    _connections.in_request.discard(handler)
+    _connections.served.add(handler)
     if not worker.alive:
         try:
             environ["gunicorn.socket"].shutdown(socket.SHUT_WR)
