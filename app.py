@@ -13,6 +13,7 @@ if __name__ == "__main__":  # the development server: patch before anything impo
 
 import json
 import logging
+import math
 import re
 import socket
 import sys
@@ -277,17 +278,26 @@ def _with_lone_surrogates_replaced(raw: bytes):
 
     JavaScript strings are UTF-16: one cut inside an emoji (a message truncated by length) keeps half
     of it, and JSON.stringify writes that half as an escape such as \\ud83d. That is valid JSON, but
-    no UTF-8 text, so neither orjson nor the upstream could take it as it is. None: not JSON at all.
+    no UTF-8 text, so neither orjson nor the upstream could take it as it is. None: not JSON in
+    UTF-8, or nothing orjson could carry either.
     """
     try:
-        parsed = json.loads(raw, parse_constant=_no_constants)
-    except ValueError:
+        parsed = json.loads(raw.decode("utf-8"), parse_constant=_not_json, parse_float=_finite_float)
+        # and back through orjson: what it cannot carry (integers past 64 bits, deep nesting) stays refused
+        return orjson.loads(orjson.dumps(_replace_lone_surrogates(parsed)))
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
         return None
-    return _replace_lone_surrogates(parsed)
 
 
-def _no_constants(name: str):
+def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; orjson and JSON do not
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large")  # 1e400: Python reads infinity, orjson refuses
+    return number
 
 
 def _replace_lone_surrogates(value):

@@ -49,8 +49,18 @@ def test_a_message_cut_inside_an_emoji_is_relayed_with_the_half_replaced(relay, 
     assert upstream.seen(model)[0].request.json()["messages"][0]["content"] == "hi \ufffd"
 
 
-def test_nan_is_still_not_json(relay):
-    body = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}'
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": 1e400}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "seed": 123456789012345678901234567890}',
+        '{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}]}'.encode("utf-16"),
+        b'{"model": "m", "messages": [{"role": "user", "content": "\xed\xa0\xbd"}]}',  # a surrogate as raw bytes
+    ],
+    ids=["nan", "too-large-float", "past-64-bits", "utf-16", "raw-surrogate"],
+)
+def test_a_lone_surrogate_does_not_let_anything_else_that_is_not_json_in(relay, body):
     assert_error(relay.post(PATH, body, {"Content-Type": "application/json"}), 400, "invalid_json")
 
 
