@@ -75,11 +75,11 @@ class Scenario:
 # stream's set-up queues behind the others'. Here the same answers arrive as a steady load of ~100
 # open streams would bring them (50 a second, each lasting ~2.2 s): what a user usually sees.
 CHAT_100_ARRIVING = Scenario("chat-100-arriving", 100, 100, 200, 20, opens_per_second=50, relay_formats=("relay-text", "relay-sse"))
-# chat-100 again after a warm-up of 100 answers open together: the relay's upstream pool then holds
-# as many connections as the burst needs, as nginx's keep-alive pool does after its first run (the
-# relay is started fresh for every measurement, nginx is not). A burst that finds no idle upstream
-# connection waits for connects, and those are seen only once every request ready in the same
-# instant has been set up (docs/BENCHMARKS.md).
+# chat-100 again after a warm-up of 100 answers open together, so the relay's upstream pool starts
+# full, as nginx's keep-alive pool is after its first run (the relay is started fresh for every
+# measurement, nginx is not; the relay's two workers may split the burst unlike the warm-up, so some
+# requests still connect). A request that finds no idle upstream connection waits for its connect,
+# which is seen only once every request ready in the same instant has been set up (docs/BENCHMARKS.md).
 CHAT_100_WARM = Scenario("chat-100-warm", 100, 100, 200, 20, relay_formats=("relay-text", "relay-sse"), warm_up_streams=100, warm_up_first_ms=100)
 
 
