@@ -135,8 +135,7 @@ def _register(app: Flask, settings: Settings) -> None:
         request_id = request.headers.get("X-Request-ID", "")
         g.request_id = request_id if _SANE_REQUEST_ID.match(request_id) else uuid.uuid4().hex
         g.started = time.monotonic()
-        g.log = {"model": None, "ttft_s": None, "completion_tokens": None, "outcome": "ok", "error": None}
-        g.log["caller"] = relay.guards.caller()
+        g.log = _log_fields(caller=relay.guards.caller())
         if is_guarded():
             relay.guards.check()
 
@@ -568,12 +567,16 @@ def log_refused_before_parsing(status: int, error_code: str, client_socket) -> s
     except (OSError, IndexError, TypeError):
         caller = "unknown"
     request_id = uuid.uuid4().hex
-    fields = {
-        "model": None, "ttft_s": None, "completion_tokens": None, "outcome": "rejected", "error": error_code,
-        "caller": caller, "request_id": request_id, "method": None, "path": None, "status": status,
-    }  # fmt: skip
+    fields = _log_fields(
+        caller=caller, outcome="rejected", error=error_code, request_id=request_id, method=None, path=None, status=status
+    )
     _request_finished(fields, time.monotonic(), "unparsed")
     return request_id
+
+
+def _log_fields(**known) -> dict:
+    """A request's log fields, those not known yet at their empty values (the route fills them in)."""
+    return {"model": None, "ttft_s": None, "completion_tokens": None, "outcome": "ok", "error": None, **known}
 
 
 def _request_finished(fields: dict, started: float, endpoint: str) -> None:
