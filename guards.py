@@ -29,6 +29,11 @@ GUARDED_PREFIXES = ("/api/", "/v1/")
 RESUME_PREFIX = "/api/streams/"
 STREAM_SLOT_SECONDS = 60  # a stream's claim on its caller's cap expires unless refreshed (a dead worker's do)
 STREAM_RETRY_AFTER = 5
+# A caller at its cap waits this long for a slot before its 429: one that stopped an answer and asks
+# again at once (a "regenerate" button) would otherwise be refused, since the relay sees the stop
+# within about half a second (or on the Stop's DELETE), not at the instant the caller hangs up.
+STREAM_CAP_WAIT_SECONDS = 1.0
+STREAM_CAP_POLL_SECONDS = 0.1
 
 log = logging.getLogger("chat_relay")
 
@@ -111,15 +116,19 @@ class Guards:
         """Claim one of the caller's open-stream slots; call ``release`` on what it returns."""
         if self.stream_slots is None:
             return None
-        try:
-            return self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
-        except CapReached:
-            raise RelayError(
-                429,
-                "too_many_streams",
-                f"At most {self.settings.max_streams_per_caller} open streams per caller.",
-                retry_after=STREAM_RETRY_AFTER,
-            ) from None
+        deadline = time.monotonic() + STREAM_CAP_WAIT_SECONDS
+        while True:
+            try:
+                return self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
+            except CapReached:
+                if time.monotonic() >= deadline:
+                    raise RelayError(
+                        429,
+                        "too_many_streams",
+                        f"At most {self.settings.max_streams_per_caller} open streams per caller.",
+                        retry_after=STREAM_RETRY_AFTER,
+                    ) from None
+            gevent.sleep(STREAM_CAP_POLL_SECONDS)
 
     def release_stream(self, slot) -> None:
         if slot is not None:

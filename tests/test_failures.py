@@ -651,7 +651,7 @@ def test_the_relays_own_rate_limit_is_429_with_retry_after_on_both_endpoints(rel
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_the_stream_cap_is_429_too_many_streams_on_both_endpoints(relay_factory, upstream, path):
     relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1")
-    held = upstream.script(stream_script(sse_answer(["slow"]), delay=0.4))
+    held = upstream.script(stream_script(sse_answer(["slow"]), delay=1.0))  # open past the cap's 1 s wait
     thread = threading.Thread(target=lambda: post(relay, path, held))
     thread.start()
     upstream.wait_seen(held)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -155,7 +157,7 @@ def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream
         second.stop()
 
 
-def hold_stream(relay, upstream, headers, seconds=1.5):
+def hold_stream(relay, upstream, headers, seconds=3.0):
     """Start a stream that stays open for ``seconds``; returns the thread reading it."""
     model = upstream.script(stream_script(sse_answer(["x"]), first_delay=0.05, delay=seconds / 4))
     results = []
@@ -191,6 +193,19 @@ def test_the_stream_cap_is_shared_through_redis(relay_factory, upstream, redis_u
         assert second.stream(quick(upstream), headers=token).status == 200
     finally:
         second.stop()
+
+
+def test_a_caller_that_stops_an_answer_and_asks_again_at_once_gets_a_slot(relay_factory, upstream):
+    """A "regenerate" button: the relay sees the stop within half a second, not when the caller hangs up."""
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1")
+    model = upstream.script(stream_script(sse_answer(["a", "b", "c"]), delay=5))
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock.sendall(b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    upstream.wait_seen(model)
+    sock.close()
+    assert relay.stream(quick(upstream)).status == 200
 
 
 def test_an_unreachable_redis_leaves_streams_uncapped_rather_than_refused(relay_factory, upstream):
