@@ -422,13 +422,17 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
         stream = ResumableStream(open_upstream, translator, recording=recording, **options)
     headers = STREAM_HEADERS if recording is None else {**STREAM_HEADERS, "X-Relay-Stream-Id": recording.stream_id}
 
+    def retire() -> None:
+        guards.release_stream(slot)
+        metrics.ACTIVE_STREAMS.dec()
+
     def finish(outcome: str, resumable: bool = False) -> None:
-        # A resumable answer whose caller left goes on (recorded) and keeps its slot until it ends.
-        kept_going = resumable and outcome == "client_disconnect" and stream.detach(lambda: guards.release_stream(slot))
+        # A resumable answer whose caller left goes on (recorded): it keeps its slot, and counts as
+        # open, until it ends.
+        kept_going = resumable and outcome == "client_disconnect" and stream.detach(retire)
         if not kept_going:
             stream.close()
-            guards.release_stream(slot)
-        metrics.ACTIVE_STREAMS.dec()
+            retire()
         fields["outcome"] = outcome
         fields["completion_tokens"] = translator.completion_tokens
         if stream.error is not None:

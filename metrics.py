@@ -18,7 +18,11 @@ from prometheus_client import (
 )
 
 REQUESTS = Counter("relay_requests_total", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"])
-ACTIVE_STREAMS = Gauge("relay_active_streams", "Streams open right now.", multiprocess_mode="livesum")
+ACTIVE_STREAMS = Gauge(
+    "relay_active_streams",
+    "Answers being relayed from the upstream right now (a resumable one whose caller left included).",
+    multiprocess_mode="livesum",
+)
 TIME_TO_FIRST_TOKEN = Histogram(
     "relay_time_to_first_token_seconds",
     "From the request's arrival to the upstream's first event.",

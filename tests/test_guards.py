@@ -300,6 +300,27 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def test_a_resumable_answer_whose_caller_left_counts_as_active_until_it_ends(relay_factory, upstream):
+    """It still reads, and pays for, the upstream's answer."""
+    relay = relay_factory(RELAY_RESUME_SECONDS="30")
+    model = upstream.script(stream_script(sse_answer(list("abcdef")), delay=0.5))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    sock.sendall(b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n"
+                 b"X-Relay-Resumable: 1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))  # fmt: skip
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+    [line] = relay.wait_access_line(PATH, model=model)  # written once the relay has let the caller go
+    assert line["outcome"] == "client_disconnect"
+    assert metric(relay.request("GET", "/metrics").text, "relay_active_streams") == 1
+    upstream.wait_seen(model)[0].finished.wait(10)
+    deadline = time.monotonic() + 3
+    while metric(relay.request("GET", "/metrics").text, "relay_active_streams") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(relay.request("GET", "/metrics").text, "relay_active_streams") == 0
+
+
 def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(relay_factory, upstream, tmp_path):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
