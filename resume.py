@@ -67,6 +67,8 @@ class Chunk:
 class MemoryResumeStore:
     """Records in this process's memory: exact for one worker, lost when it restarts."""
 
+    outlives_the_worker = False
+
     def __init__(self, linger_seconds: float, live_seconds: float):
         self._linger = linger_seconds
         self._live = live_seconds  # how long a record whose writer went quiet is kept
@@ -170,6 +172,8 @@ class RedisResumeStore:
     unrecorded and their records are deleted as soon as Redis takes it (resumes then get 404,
     followers the lost frame).
     """
+
+    outlives_the_worker = True
 
     def __init__(self, url: str, linger_seconds: float, live_seconds: float):
         self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_BLOCK_SECONDS + 5, socket_connect_timeout=2)
@@ -486,6 +490,11 @@ class StreamRecording:
         if self.lost:
             return None, True  # a detached answer nobody can resume has nobody to go on for
         return self.store.status(self.stream_id)
+
+    @property
+    def outlives_the_worker(self) -> bool:
+        """Whether a resume can still find the record once this worker has exited."""
+        return self.store.outlives_the_worker
 
     def discard(self) -> None:
         self.store.discard(self.stream_id)

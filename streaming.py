@@ -849,6 +849,10 @@ def wait_for_detached() -> None:
     gevent.joinall(readers, timeout=(max(0.0, left) if left != float("inf") else 0.0) + 2.0)
 
 
+def _shutdown_begun() -> bool:
+    return _shutdown_deadline != float("inf")
+
+
 def shutting_down() -> bool:
     """True once this worker's shutdown deadline has passed."""
     return time.monotonic() >= _shutdown_deadline
@@ -1322,7 +1326,10 @@ class ResumableStream(_Answer):
         try:
             seen, cancelled = self._recording.status()
             quiet = time.time() - max(self._detached_at, seen or 0.0)
-            if cancelled or quiet >= self._recording.linger_seconds:
+            # A stopping worker takes its listeners and, without Redis, the record with it: a resume
+            # not already following can never come, so going on would only pay for tokens.
+            orphaned = seen is None and _shutdown_begun() and not self._recording.outlives_the_worker
+            if cancelled or orphaned or quiet >= self._recording.linger_seconds:
                 self._reader.kill(block=True, timeout=2)
                 self._recording.discard()
         finally:
@@ -1388,11 +1395,15 @@ class ResumableStream(_Answer):
     def detach(self, on_retired: Callable[[], None]) -> bool:
         """The caller of a resumable answer left: keep reading and recording it instead of closing.
 
-        Returns False (call ``close()`` instead) when there is nothing to keep going. Otherwise
-        ``on_retired`` runs once the reader has stopped, however it stopped.
+        Returns False (call ``close()`` instead) when there is nothing to keep going: no record
+        anyone could resume from, or a finished reader. Otherwise ``on_retired`` runs once the
+        reader has stopped, however it stopped.
         """
-        if self._recording is None or self._recording.lost or self._reader.dead:
+        recording = self._recording
+        if recording is None or recording.lost or self._reader.dead:
             return False
+        if _shutdown_begun() and not recording.outlives_the_worker:
+            return False  # the record goes with this stopping worker, and no new resume can reach it
         self._on_retired = on_retired
         self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)
         while not self._queue.empty():  # frees a reader waiting for room on a full queue

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -304,6 +306,43 @@ def test_an_answer_left_running_when_its_relay_stops_records_that_it_failed(rela
     finally:
         stopping.stop()
         staying.stop()
+
+
+def test_without_redis_a_stopping_worker_ends_left_answers_nobody_follows_at_once(relay_factory, upstream):
+    """Their records go with the worker, and no new resume can reach it: going on would only pay for tokens."""
+    relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", RELAY_GRACEFUL_TIMEOUT="15")
+    try:
+        model = upstream.script(stream_script(sse_answer(TOKENS * 20), delay=0.1))
+        cut_after_tokens(relay, model, tokens=2)
+        [line] = relay.wait_access_line("/api/stream_chat_completion", model=model)  # the answer is detached now
+        assert line["outcome"] == "client_disconnect"
+        exchange = upstream.wait_seen(model)[0]
+        assert not exchange.finished.is_set(), "the answer was still being read when the stop came"
+        os.killpg(relay.proc.pid, signal.SIGTERM)
+        stopped_at = time.monotonic()
+        assert exchange.finished.wait(5) and exchange.closed_by_peer_at is not None, "the upstream answered to its end"
+        assert exchange.closed_by_peer_at - stopped_at < 2.0
+        relay.proc.wait(10)
+        assert time.monotonic() - stopped_at < 5, "the worker waited for an answer nobody could resume"
+    finally:
+        relay.stop()
+
+
+def test_without_redis_a_caller_leaving_a_stopping_worker_ends_its_answer_at_once(relay_factory, upstream):
+    relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", RELAY_GRACEFUL_TIMEOUT="15")
+    try:
+        model = upstream.script(stream_script(sse_answer(TOKENS * 20), delay=0.1))
+        answer = start_answer(relay, model)
+        answer.take(2)
+        os.killpg(relay.proc.pid, signal.SIGTERM)  # the answer is in flight: it may go on, to its caller
+        time.sleep(0.3)
+        answer.hang_up()
+        left_at = time.monotonic()
+        exchange = upstream.wait_seen(model)[0]
+        assert exchange.finished.wait(5) and exchange.closed_by_peer_at is not None, "the upstream answered to its end"
+        assert exchange.closed_by_peer_at - left_at < 2.0
+    finally:
+        relay.stop()
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
