@@ -423,16 +423,18 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
     headers = STREAM_HEADERS if recording is None else {**STREAM_HEADERS, "X-Relay-Stream-Id": recording.stream_id}
 
     def retire() -> None:
+        metrics.ACTIVE_STREAMS.dec()  # first: releasing a slot may wait on Redis, where a kill can land
         guards.release_stream(slot)
-        metrics.ACTIVE_STREAMS.dec()
 
     def finish(outcome: str, resumable: bool = False) -> None:
         # A resumable answer whose caller left goes on (recorded): it keeps its slot, and counts as
         # open, until it ends.
         kept_going = resumable and outcome == "client_disconnect" and stream.detach(retire)
         if not kept_going:
-            stream.close()
-            retire()
+            try:
+                stream.close()
+            finally:
+                retire()
         fields["outcome"] = outcome
         fields["completion_tokens"] = translator.completion_tokens
         if stream.error is not None:
@@ -486,7 +488,7 @@ def _start_recording(relay: _Relay) -> StreamRecording | None:
     if stream_id is None:
         return None
     g.log["stream_id"] = stream_id
-    return StreamRecording(store, stream_id, relay.settings.resume_seconds)
+    return StreamRecording(store, stream_id, relay.settings.resume_seconds, _follower_poll_seconds(relay.settings))
 
 
 def _owned_record(relay: _Relay, stream_id: str) -> RecordInfo:
@@ -523,7 +525,7 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
         )  # fmt: skip
     lost = RelayError(502, "upstream_error", "The answer's record ended before the answer did; ask again.", outcome="upstream_error")
     client_socket = request.environ.get("gunicorn.socket")
-    poll_seconds = min(settings.heartbeat_seconds, settings.resume_seconds / 3)  # followers must show up in time
+    poll_seconds = _follower_poll_seconds(settings)
     events = follow(
         store, stream_id, after,
         poll_seconds=poll_seconds, heartbeat=settings.heartbeat_seconds, lost_frame=sse_error_frame(lost), ping=PING,
@@ -537,6 +539,12 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
             yield part
 
     return Response(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
+
+
+def _follower_poll_seconds(settings: Settings) -> float:
+    """How often a following resume reads (each read marks the answer as followed): often enough to
+    show up before a detached answer's linger runs out, and to send its heartbeats."""
+    return min(settings.heartbeat_seconds, settings.resume_seconds / 3)
 
 
 def _abort_connection(client_socket) -> None:

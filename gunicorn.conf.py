@@ -176,6 +176,7 @@ class _Connections:
         now, waiting = time.monotonic(), False
         for handler, (client, accepted_at) in list(self.clients.items()):
             if handler in self.in_request:
+                waiting = True  # its answer is going on; it may wait for another request after it
                 continue
             if handler not in self.served and now - accepted_at < self.NEW_CONNECTION_GRACE_SECONDS:
                 waiting = True

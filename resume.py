@@ -475,10 +475,11 @@ def _seq_of(entry_id: bytes) -> int:
 class StreamRecording:
     """One answer's handle on the store, as its ``RelayStream`` uses it."""
 
-    def __init__(self, store, stream_id: str, linger_seconds: float):
+    def __init__(self, store, stream_id: str, linger_seconds: float, follower_poll_seconds: float):
         self.store = store
         self.stream_id = stream_id
         self.linger_seconds = linger_seconds
+        self.follower_poll_seconds = follower_poll_seconds  # a following resume reads at least this often
         self.lost = False  # the store stopped keeping the record (Redis failed): nobody can resume it
 
     def append(self, frames: list[bytes], end: bool = False) -> None:
@@ -490,6 +491,10 @@ class StreamRecording:
         if self.lost:
             return None, True  # a detached answer nobody can resume has nobody to go on for
         return self.store.status(self.stream_id)
+
+    def is_followed(self, seen: float | None) -> bool:
+        """Whether a resume is following the answer now, given when one last read it (``status()``)."""
+        return seen is not None and time.time() - seen < self.follower_poll_seconds + 1.0
 
     @property
     def outlives_the_worker(self) -> bool:

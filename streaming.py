@@ -1328,7 +1328,7 @@ class ResumableStream(_Answer):
             quiet = time.time() - max(self._detached_at, seen or 0.0)
             # A stopping worker takes its listeners and, without Redis, the record with it: a resume
             # not already following can never come, so going on would only pay for tokens.
-            orphaned = seen is None and _shutdown_begun() and not self._recording.outlives_the_worker
+            orphaned = _shutdown_begun() and not self._recording.outlives_the_worker and not self._recording.is_followed(seen)
             if cancelled or orphaned or quiet >= self._recording.linger_seconds:
                 self._reader.kill(block=True, timeout=2)
                 self._recording.discard()
@@ -1402,7 +1402,7 @@ class ResumableStream(_Answer):
         recording = self._recording
         if recording is None or recording.lost or self._reader.dead:
             return False
-        if _shutdown_begun() and not recording.outlives_the_worker:
+        if _shutdown_begun() and not recording.outlives_the_worker and not recording.is_followed(recording.status()[0]):
             return False  # the record goes with this stopping worker, and no new resume can reach it
         self._on_retired = on_retired
         self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)

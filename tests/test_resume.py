@@ -328,6 +328,27 @@ def test_without_redis_a_stopping_worker_ends_left_answers_nobody_follows_at_onc
         relay.stop()
 
 
+def test_without_redis_a_stopping_worker_lets_a_followed_answer_finish(relay_factory, upstream):
+    """Its follower is a request in flight on this worker: it gets the whole answer, as the caller would."""
+    relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", RELAY_GRACEFUL_TIMEOUT="15")
+    try:
+        model = upstream.script(stream_script(sse_answer(TOKENS * 2), delay=0.05))  # 3 s long
+        answer = start_answer(relay, model)
+        seen = answer.take(3)
+        stream_id = answer.headers["x-relay-stream-id"]
+        follower = resume(relay, stream_id, seen[-1]["id"])  # a client that reconnected before the old
+        first = follower.take(1)  # connection was seen to drop: both read the answer for a moment
+        os.killpg(relay.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        answer.hang_up()  # the stopping worker lets the answer go on for its follower
+        rest = first + follower.rest()
+        assert rest[-1]["event"] == "done", rest[-3:]
+        assert text_of(seen + rest) == "".join(TOKENS * 2)
+        relay.proc.wait(10)  # and the worker leaves once the answer is done, not at its deadline
+    finally:
+        relay.stop()
+
+
 def test_without_redis_a_caller_leaving_a_stopping_worker_ends_its_answer_at_once(relay_factory, upstream):
     relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", RELAY_GRACEFUL_TIMEOUT="15")
     try:

@@ -200,7 +200,7 @@ def relay_stream(open_upstream):
 def resumable_stream(open_upstream):
     store = MemoryResumeStore(linger_seconds=30, live_seconds=60)
     stream_id = store.create("")
-    recording = StreamRecording(store, stream_id, 30)
+    recording = StreamRecording(store, stream_id, 30, 10)
     return ResumableStream(open_upstream, TokenTranslator(sse=True, stream_id=stream_id), recording=recording, read_timeout=5)
 
 
