@@ -113,7 +113,8 @@ class Guards:
         return RelayError(429, "rate_limited", f"Rate limit exceeded ({error.description}).", retry_after=retry_after)
 
     def acquire_stream(self, caller: str):
-        """Claim one of the caller's open-stream slots; call ``release`` on what it returns."""
+        """Claim one of the caller's open-stream slots, waiting up to STREAM_CAP_WAIT_SECONDS for one
+        to free up; call ``release_stream`` on what it returns. Raises the 429 when none does."""
         if self.stream_slots is None:
             return None
         deadline = time.monotonic() + STREAM_CAP_WAIT_SECONDS
