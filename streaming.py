@@ -961,32 +961,51 @@ class _StreamWatch:
 _watch = _StreamWatch()
 
 
-class _WatchedCall:
+class _InterruptibleWait:
+    """A greenlet's waits on the upstream, into which the watch may raise an exception, the way
+    ``gevent.Timeout`` raises into a wait: from the loop, once, and only into the wait it was meant for."""
+
+    _caller = None  # the greenlet waiting on the upstream, while one is
+    _wait_number = 0  # which wait: an interruption meant for an earlier one is dropped
+    _interrupting = False
+
+    def _wait(self, step: Callable[[], object]):
+        """Run ``step``, which waits on the upstream, where the watch may interrupt it."""
+        self._wait_number += 1
+        self._caller = gevent.getcurrent()
+        try:
+            return step()
+        finally:
+            self._caller = None
+
+    def _interrupt(self, exc: Exception) -> None:
+        self._interrupting = True
+        gevent.get_hub().loop.run_callback(self._raise_in_wait, self._wait_number, exc)
+
+    def _raise_in_wait(self, wait_number: int, exc: Exception) -> None:
+        self._interrupting = False
+        caller = self._caller
+        if caller is not None and wait_number == self._wait_number:  # still in the same wait
+            self._caller = None  # one interruption per wait
+            caller.throw(exc)
+
+
+class _WatchedCall(_InterruptibleWait):
     """A call to the upstream that answers all at once, kept only while its caller is still there."""
 
     def __init__(self, client_gone: Callable[[], bool]):
         self._client_gone = client_gone
-        self._caller = None  # the greenlet in the call, while it is
-        self._interrupting = False
 
     def run(self, call: Callable[[], object]):
-        self._caller = gevent.getcurrent()
         _watch.add(self, CLIENT_POLL_SECONDS)
         try:
-            return call()
+            return self._wait(call)
         finally:
-            self._caller = None
             _watch.discard(self)
 
     def _on_tick(self, now: float) -> None:
         if self._caller is not None and not self._interrupting and self._client_gone():
-            self._interrupting = True
-            gevent.get_hub().loop.run_callback(self._raise_in_call)
-
-    def _raise_in_call(self) -> None:
-        caller, self._caller = self._caller, None
-        if caller is not None:  # still in the call
-            caller.throw(ClientGone())
+            self._interrupt(ClientGone())
 
 
 def while_caller_waits(call: Callable[[], object], client_gone: Callable[[], bool]):
@@ -1029,7 +1048,7 @@ class _Answer:
         return DONE_LINGER_SECONDS if self.translator.done else self._read_timeout
 
 
-class RelayStream(_Answer):
+class RelayStream(_Answer, _InterruptibleWait):
     """One relayed answer, read by the caller's own greenlet: the upstream call, then every read's output.
 
     ``first()`` calls the upstream and returns the output of its first event; ``rest()`` yields the
@@ -1044,12 +1063,9 @@ class RelayStream(_Answer):
     def __init__(self, open_upstream: Callable[[], requests.Response], translator, **clocks):
         super().__init__(translator, **clocks)
         self._open_upstream = open_upstream
-        self._caller = None  # the greenlet waiting on the upstream, while one is
-        self._wait_number = 0  # which wait: an interruption meant for an earlier one is dropped
         self._heard_at: float | None = None  # when the upstream body last sent bytes (None: no body yet)
         self._quiet_since = 0.0  # since when the caller has had nothing from us: hang-up checks and pings
         self._pings_may_interrupt = False  # a ping raised into urllib3's own reader would end the body
-        self._interrupting = False
         self._outputs = self._produce()
 
     def first(self) -> bytes:
@@ -1139,15 +1155,6 @@ class RelayStream(_Answer):
             if response is not None:
                 response.close()
 
-    def _wait(self, step: Callable[[], object]):
-        """Run ``step``, which waits on the upstream, where the watch may interrupt it."""
-        self._wait_number += 1
-        self._caller = gevent.getcurrent()
-        try:
-            return step()
-        finally:
-            self._caller = None
-
     def _on_tick(self, now: float) -> None:
         if self._caller is None or self._interrupting:
             return  # the caller is writing to its client, or an interruption is on its way
@@ -1161,17 +1168,6 @@ class RelayStream(_Answer):
         elif self._committed and self._heartbeat and quiet >= self._heartbeat and self._pings_may_interrupt \
                 and not self.translator.done:  # the answer is whole: nothing more to keep alive
             self._interrupt(_Heartbeat())
-
-    def _interrupt(self, exc: Exception) -> None:
-        self._interrupting = True
-        gevent.get_hub().loop.run_callback(self._raise_in_wait, self._wait_number, exc)
-
-    def _raise_in_wait(self, wait_number: int, exc: Exception) -> None:
-        self._interrupting = False
-        caller = self._caller
-        if caller is not None and wait_number == self._wait_number:  # still in the same wait
-            self._caller = None  # one interruption per wait
-            caller.throw(exc)
 
 
 class ResumableStream(_Answer):
@@ -1321,15 +1317,17 @@ class ResumableStream(_Answer):
             self._ending = True
             self._reader.kill(_Stop(error), block=False)
 
+    def _unreachable_once_stopped(self, seen: float | None) -> bool:
+        """Whether this worker is stopping with the record (no Redis) and no resume follows it: its
+        listeners are closed, so none can come, and going on would only pay for tokens."""
+        return _shutdown_begun() and not self._recording.outlives_the_worker and not self._recording.is_followed(seen)
+
     def _stop_unless_followed(self) -> None:
         """Stop a detached answer that was cancelled, or that no follower read within the grace."""
         try:
             seen, cancelled = self._recording.status()
             quiet = time.time() - max(self._detached_at, seen or 0.0)
-            # A stopping worker takes its listeners and, without Redis, the record with it: a resume
-            # not already following can never come, so going on would only pay for tokens.
-            orphaned = _shutdown_begun() and not self._recording.outlives_the_worker and not self._recording.is_followed(seen)
-            if cancelled or orphaned or quiet >= self._recording.linger_seconds:
+            if cancelled or self._unreachable_once_stopped(seen) or quiet >= self._recording.linger_seconds:
                 self._reader.kill(block=True, timeout=2)
                 self._recording.discard()
         finally:
@@ -1402,8 +1400,8 @@ class ResumableStream(_Answer):
         recording = self._recording
         if recording is None or recording.lost or self._reader.dead:
             return False
-        if _shutdown_begun() and not recording.outlives_the_worker and not recording.is_followed(recording.status()[0]):
-            return False  # the record goes with this stopping worker, and no new resume can reach it
+        if self._unreachable_once_stopped(recording.status()[0]):
+            return False
         self._on_retired = on_retired
         self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)
         while not self._queue.empty():  # frees a reader waiting for room on a full queue
