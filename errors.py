@@ -44,6 +44,7 @@ class RelayError(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         outcome: str = "rejected",
+        bearer_error: str | None = None,
     ):
         message = redact(message)
         super().__init__(message)
@@ -54,6 +55,7 @@ class RelayError(Exception):
         self.param = None if param is None else redact(param)
         self.retry_after = retry_after
         self.outcome = outcome
+        self.bearer_error = bearer_error  # RFC 6750's error code for a 401's challenge, when a token was sent
 
     def to_dict(self) -> dict:
         error = {"message": self.message, "type": self.error_type, "code": self.code}
@@ -69,7 +71,10 @@ class RelayError(Exception):
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
         if self.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="chat-relay"'
+            challenge = 'Bearer realm="chat-relay"'
+            if self.bearer_error:
+                challenge += f', error="{self.bearer_error}"'
+            headers["WWW-Authenticate"] = challenge
         return headers
 
 

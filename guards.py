@@ -74,16 +74,18 @@ class Guards:
 
     def check(self) -> None:
         """Refuse a guarded request that lacks a valid token or comes from a foreign origin."""
-        if self._tokens and not self._has_valid_token():
-            raise RelayError(401, "unauthorized", "A valid 'Authorization: Bearer <token>' header is required.")
+        if self._tokens:
+            presented = bearer_token()
+            if presented is None:
+                raise RelayError(401, "unauthorized", "A valid 'Authorization: Bearer <token>' header is required.")
+            if not self._is_known(presented):
+                # RFC 6750: a token that was sent and refused is named in the challenge; a missing one is not
+                raise RelayError(401, "unauthorized", "The bearer token is not valid.", bearer_error="invalid_token")
         origin = request.headers.get("Origin")
         if origin and not self._origin_allowed(origin):
             raise RelayError(403, "origin_not_allowed", f"Requests from origin {origin!r} are not allowed.")
 
-    def _has_valid_token(self) -> bool:
-        presented = bearer_token()
-        if presented is None:
-            return False
+    def _is_known(self, presented: str) -> bool:
         matches = [hmac.compare_digest(presented.encode(), known) for known in self._tokens]  # no early exit
         return any(matches)
 
