@@ -408,8 +408,8 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
     client_socket = request.environ.get("gunicorn.socket")
     client_gone = _caller_gone_check()
     try:
-        slot = guards.acquire_stream(fields["caller"])
-    except RelayError:
+        slot = guards.acquire_stream(fields["caller"], client_gone)
+    except (RelayError, ClientGone):
         if recording is not None:
             recording.discard()
         raise

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Callable
 from urllib.parse import urlsplit
 
 import gevent
@@ -24,6 +25,7 @@ from flask_limiter.errors import RateLimitExceeded
 
 from errors import RelayError
 from settings import Settings, normalize_origin
+from streaming import ClientGone
 
 GUARDED_PREFIXES = ("/api/", "/v1/")
 RESUME_PREFIX = "/api/streams/"
@@ -114,9 +116,11 @@ class Guards:
         retry_after = max(1, int(current.reset_at - time.time())) if current else 1
         return RelayError(429, "rate_limited", f"Rate limit exceeded ({error.description}).", retry_after=retry_after)
 
-    def acquire_stream(self, caller: str):
+    def acquire_stream(self, caller: str, caller_gone: Callable[[], bool] = lambda: False):
         """Claim one of the caller's open-stream slots, waiting up to STREAM_CAP_WAIT_SECONDS for one
-        to free up; call ``release_stream`` on what it returns. Raises the 429 when none does."""
+        to free up; call ``release_stream`` on what it returns. Raises the 429 when none does, and
+        ClientGone when the caller leaves while it waits (a slot freed then would pay for an answer
+        nobody reads)."""
         if self.stream_slots is None:
             return None
         deadline = time.monotonic() + STREAM_CAP_WAIT_SECONDS
@@ -132,6 +136,8 @@ class Guards:
                         retry_after=STREAM_RETRY_AFTER,
                     ) from None
             gevent.sleep(STREAM_CAP_POLL_SECONDS)
+            if caller_gone():
+                raise ClientGone()
 
     def release_stream(self, slot) -> None:
         if slot is not None:

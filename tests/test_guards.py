@@ -211,6 +211,24 @@ def test_a_caller_that_stops_an_answer_and_asks_again_at_once_gets_a_slot(relay_
     assert relay.stream(quick(upstream)).status == 200
 
 
+def test_a_caller_that_leaves_while_waiting_at_its_cap_never_reaches_the_upstream(relay_factory, upstream):
+    """A slot freed after the waiting caller hung up would otherwise buy an answer nobody reads."""
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1")
+    thread, _ = hold_stream(relay, upstream, {}, seconds=0.8)  # frees its slot inside the waiter's wait
+    waiter = quick(upstream)
+    body = json.dumps({"model": waiter, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    sock.sendall(b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    time.sleep(0.15)
+    sock.close()
+    thread.join(10)
+    [line] = relay.wait_access_line("/api/stream_chat_completion", outcome="client_disconnect", timeout=3)
+    assert line["status"] == 499
+    time.sleep(1.2)  # past the end of the cap wait
+    assert upstream.seen(waiter) == []
+
+
 def test_an_unreachable_redis_leaves_streams_uncapped_rather_than_refused(relay_factory, upstream):
     """A Redis outage must not turn every stream into the caller's 429, on every relay at once."""
     relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
