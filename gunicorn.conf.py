@@ -18,6 +18,7 @@ import time
 
 import gevent
 import gevent.server
+import gevent.socket
 import gunicorn.util
 import gunicorn.workers.ggevent
 
@@ -165,6 +166,16 @@ class _Connections:
                 super().start()
                 connections.servers.append(self)
 
+            def do_read(self):  # gevent's own, with the client socket made a _ClientSocket
+                listener = self.socket
+                try:
+                    fd, address = listener._accept()
+                except BlockingIOError:
+                    if not listener.timeout:
+                        return None
+                    raise
+                return _ClientSocket(listener.family, listener.type, listener.proto, fileno=fd), address
+
         gunicorn.workers.ggevent.StreamServer = TrackedStreamServer
 
     def stop_accepting_and_close_idle(self) -> None:
@@ -199,6 +210,26 @@ class _Connections:
 
 
 _connections = _Connections()  # filled in each worker, for that worker
+
+
+class _ClientSocket(gevent.socket.socket):
+    """A caller's connection whose ``sendall`` first tries one plain ``send``.
+
+    gunicorn writes each relayed token with ``sendall``, and gevent's asks the kernel for the send
+    buffer's size (a ``getsockopt``) on every call to size its loop. A token is far smaller than
+    any send buffer, so one ``send`` nearly always takes it whole; gevent's loop sends whatever is
+    left, waiting for the socket as it always does (a slow reader, a full buffer).
+    """
+
+    __slots__ = ()
+
+    def sendall(self, data, flags=0):
+        try:
+            sent = self._sock.send(data, flags)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            super().sendall(memoryview(data)[sent:], flags)
 
 
 def _write_json_error(sock, status_int, reason, mesg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -366,3 +367,45 @@ def test_a_content_length_upstream_body_is_relayed_token_by_token(relay, upstrea
     result = relay.stream(upstream.script(script))
     assert result.text == "Hello, world!" and result.complete
     assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    """The payload of a chunked body, and whether its last chunk came."""
+    out, pos = [], 0
+    while True:
+        line_end = data.index(b"\r\n", pos)
+        size = int(data[pos:line_end], 16)
+        if size == 0:
+            return b"".join(out), True
+        out.append(data[line_end + 2 : line_end + 2 + size])
+        pos = line_end + 2 + size + 2
+        if pos >= len(data):
+            return b"".join(out), False
+
+
+def test_a_caller_reading_slower_than_the_upstream_writes_gets_every_byte_in_order(relay, upstream):
+    """A reader that stalls fills its socket: the relay's writes then wait for it and lose nothing."""
+    # 10 MB: more than the relay's send buffer (loopback autotuning grows it to 4 MB) and the caller's hold
+    tokens = [f"<{index:05d}:{'x' * 4000}>" for index in range(2_500)]
+    model = upstream.script(stream_script(sse_answer(tokens)))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", relay.port))
+    try:
+        sock.sendall(b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        time.sleep(1.5)  # read nothing while the upstream sends
+        received = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received.append(data)
+    finally:
+        sock.close()
+    head, _, chunked = b"".join(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    text, complete = _dechunk(chunked)
+    assert complete and text.decode() == "".join(tokens)
