@@ -249,6 +249,8 @@ def _json_body() -> dict:
         body = _with_lone_surrogates_replaced(raw) if "surrogate" in str(exc) else None
         if body is None:
             raise RelayError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
+    else:
+        _refuse_what_orjson_cannot_carry(raw, body)
     if not isinstance(body, dict):
         raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
@@ -270,6 +272,38 @@ def _read_body(limit: int) -> bytes:
     if len(raw) > limit:
         raise RelayError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
     return raw
+
+
+_DIGITS_ONLY = bytes(0x30 if byte in b"0123456789" else 0x20 for byte in range(256))  # each digit "0", the rest " "
+_LONG_DIGIT_RUN = b"0" * 19  # translated: 19 digits in a row, where integers leave the 64-bit range
+
+
+def _refuse_what_orjson_cannot_carry(raw: bytes, body) -> None:
+    """400 for JSON that orjson reads but would not pass on as it came.
+
+    orjson reads an integer past 64 bits as a float (the upstream would get a changed number), and
+    reads 1,024 levels of nesting but writes only 254 (the upstream call would fail as the relay's
+    own error). Both checks are a small part of reading the body: a table lookup over its bytes and
+    one write.
+    """
+    if _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY):  # most likely inside a string: look closer
+        try:
+            json.loads(raw, parse_int=_int64, parse_constant=_not_json, parse_float=float)
+        except RecursionError:
+            pass  # nesting: refused below
+        except ValueError as exc:
+            raise RelayError(400, "invalid_json", f"The request body has {exc}.") from None
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise RelayError(400, "invalid_json", "The request body is nested too deeply (254 levels at most).") from None
+
+
+def _int64(text: str) -> int:
+    number = int(text)
+    if not -(2**63) <= number < 2**64:
+        raise ValueError(f"an integer outside the 64-bit range ({text[:24]}...)")
+    return number
 
 
 def _with_lone_surrogates_replaced(raw: bytes):

@@ -64,6 +64,41 @@ def test_a_lone_surrogate_does_not_let_anything_else_that_is_not_json_in(relay, 
     assert_error(relay.post(PATH, body, {"Content-Type": "application/json"}), 400, "invalid_json")
 
 
+@pytest.mark.parametrize("path", [PATH, "/v1/chat/completions"])
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (b'"seed": 123456789012345678901234567890', "64-bit"),
+        (b'"seed": -9223372036854775809', "64-bit"),
+        (b'"logit_bias": ' + b"[" * 300 + b"]" * 300, "nested"),
+        (b'"logit_bias": ' + b"[" * 1023 + b"]" * 1023, "nested"),
+    ],
+    ids=["past-64-bits", "below-int64", "nested-300", "nested-1023"],
+)
+def test_json_that_orjson_reads_but_would_not_pass_on_as_it_came_is_400(relay, upstream, path, stream, extra, words):
+    """orjson reads big integers as floats and reads deeper nesting than it writes: neither may reach the upstream."""
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    body = b'{"model": "%s", "stream": %s, "messages": [{"role": "user", "content": "hi"}], %s}' % (
+        model.encode(), b"true" if stream else b"false", extra
+    )
+    if path == PATH and not stream:
+        body = body.replace(b'"stream": false, ', b"")
+    assert_error(relay.post(path, body, {"Content-Type": "application/json"}), 400, "invalid_json", words)
+    assert upstream.seen(model) == []
+
+
+def test_long_digit_runs_inside_strings_and_the_largest_64_bit_integers_pass_unchanged(relay, upstream):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    content = "order 123456789012345678901234567890 shipped"
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "%s"}], "seed": 18446744073709551615}' % (
+        model.encode(), content.encode()
+    )
+    assert relay.post(PATH, body, {"Content-Type": "application/json"}).text == "ok"
+    sent = upstream.seen(model)[0].request.json()
+    assert sent["messages"][0]["content"] == content and sent["seed"] == 18446744073709551615
+
+
 def test_a_json_body_that_is_not_an_object_is_400_invalid_json(relay):
     assert_error(relay.post(PATH, [1, 2]), 400, "invalid_json")
 
