@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import logging
+import math
 import random
 import re
 import select
@@ -47,7 +48,8 @@ DONE_LINGER_SECONDS = 0.5
 READ_BYTES = 16384  # per socket read: a chat chunk is far smaller, a firehose read fills it
 QUEUE_DEPTH = 256  # reads buffered between upstream and a slow caller before the reader waits
 RETRY_BASE_SECONDS = 0.25
-RETRY_CAP_SECONDS = 8.0
+RETRY_CAP_SECONDS = 8.0  # a longer Retry-After is the caller's to wait, not a retry here
+RETRY_AFTER_MAX_SECONDS = 86_400.0  # an upstream's longer (or infinite) Retry-After is passed on as a day
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 log = logging.getLogger("chat_relay")
@@ -618,18 +620,19 @@ def _backoff(attempt: int) -> float:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), at most a day; or None."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)  # "inf" too, which a careless server may send: a day
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_SECONDS)
 
 
 # --- the upstream body, de-chunked ------------------------------------------------------------

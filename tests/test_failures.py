@@ -241,6 +241,15 @@ def test_a_retry_after_beyond_the_cap_is_passed_to_the_caller_at_once(relay, ups
     assert len(upstream.seen(model)) == 1
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400", "99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_an_endless_retry_after_is_passed_on_as_a_day(relay, upstream, value):
+    model = upstream.script(failing(429, headers=[("Retry-After", value)]))
+    result = post(relay, ENDPOINTS[0], model)
+    assert_error(result, 429, "upstream_rate_limited")
+    assert result.headers["retry-after"] == "86400"
+    assert len(upstream.seen(model)) == 1
+
+
 def test_nothing_is_retried_once_a_byte_reached_the_caller(relay, upstream):
     def script(conn):
         conn.start(keep_alive=False)  # then the connection is reset, not kept for another request
