@@ -171,6 +171,15 @@ def test_nginx_site_passes_each_sse_event_on_as_it_arrives(nginx, upstream):
     assert_arrives_token_by_token(result, len(TOKENS), 0.15)
 
 
+def test_the_relays_own_page_behind_nginx_on_any_port_is_its_own_origin(nginx, upstream):
+    """Same origin is scheme, host and port: nginx must pass the port the browser used on to the relay."""
+    model = upstream.script(stream_script(sse_answer(TOKENS)))
+    result = nginx.stream(model, headers={"Origin": f"http://127.0.0.1:{nginx.port}"})
+    assert result.status == 200 and result.text == "Hello, world!", result.body
+    result = nginx.stream(model, headers={"Origin": "http://127.0.0.1:1"})
+    assert result.status == 403 and result.json()["error"]["code"] == "origin_not_allowed"
+
+
 def test_relay_logs_the_address_nginx_saw_and_ignores_a_forged_x_forwarded_for(nginx, proxied_relay):
     for forged in (None, "203.0.113.7"):
         request_id = f"deploy-caller-{forged or 'plain'}"
