@@ -40,6 +40,23 @@ STREAM_CAP_POLL_SECONDS = 0.1
 log = logging.getLogger("chat_relay")
 
 
+class _SwallowedErrorsInOneLine(logging.Filter):
+    """flask-limiter logs every storage failure it swallows (Redis down) with a full traceback, on
+    every request: ~40 lines each, burying the log. Each becomes one line, like the relay's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = "Redis unavailable: rate limit not enforced for this request (%s: %s)"
+            record.args = (type(error).__name__, error)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("flask-limiter").addFilter(_SwallowedErrorsInOneLine())
+
+
 class Guards:
     """The checks every guarded request passes, in order: token, origin, rate limit."""
 

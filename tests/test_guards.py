@@ -213,7 +213,7 @@ def test_a_caller_that_stops_an_answer_and_asks_again_at_once_gets_a_slot(relay_
 
 def test_a_caller_that_leaves_while_waiting_at_its_cap_never_reaches_the_upstream(relay_factory, upstream):
     """A slot freed after the waiting caller hung up would otherwise buy an answer nobody reads."""
-    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1")
+    relay = relay_factory(RELAY_MAX_STREAMS_PER_CALLER="1", fresh=True)  # its log holds this test's lines only
     thread, _ = hold_stream(relay, upstream, {}, seconds=0.8)  # frees its slot inside the waiter's wait
     waiter = quick(upstream)
     body = json.dumps({"model": waiter, "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -237,6 +237,15 @@ def test_an_unreachable_redis_leaves_streams_uncapped_rather_than_refused(relay_
     held[0].join(10)
     assert held[1][0].text == "x"
     assert "Redis unavailable: stream cap not enforced" in relay.log()
+
+
+def test_an_unreachable_redis_leaves_rate_limits_unenforced_with_one_log_line_per_request(relay_factory, upstream):
+    relay = relay_factory(RELAY_RATE_LIMIT="1/minute", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    for _ in range(3):
+        assert relay.stream(quick(upstream)).status == 200
+    log = relay.log()
+    assert log.count("Redis unavailable: rate limit not enforced for this request (ConnectionError") >= 3
+    assert "Traceback" not in log
 
 
 def test_stream_slots_renew_their_sets_expiry_so_long_streams_stay_counted(redis_url):
