@@ -638,6 +638,9 @@ def _retry_after(value: str | None) -> float | None:
 # --- the upstream body, de-chunked ------------------------------------------------------------
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class ChunkedDecoder:
     """Decodes an HTTP/1.1 chunked body incrementally: bytes in, payload bytes out (RFC 9112 7.1).
 
@@ -677,10 +680,10 @@ class ChunkedDecoder:
                     raise urllib3.exceptions.ProtocolError("chunk not followed by CRLF")
                 self._state = "size"
             elif state == "size":
-                try:
-                    self._left = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise urllib3.exceptions.ProtocolError(f"bad chunk size line {line[:40]!r}") from None
+                size = line.split(b";", 1)[0].rstrip(b" \t")  # whitespace may come before an extension
+                if not _CHUNK_SIZE.fullmatch(size):  # int() would also take "-5", "+5", "0x5" and "1_0"
+                    raise urllib3.exceptions.ProtocolError(f"bad chunk size line {line[:40]!r}")
+                self._left = int(size, 16)
                 self._state = "data" if self._left else "trailer"
             elif not line:  # the empty line that ends the trailer section
                 self.done = True

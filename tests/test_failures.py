@@ -124,6 +124,26 @@ def test_an_absurdly_long_line_fails_clearly_and_the_worker_keeps_serving(no_ret
     assert post(no_retry, path, model).status == 200
 
 
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_negative_chunk_size_fails_the_stream_and_the_worker_keeps_serving(no_retry, upstream, sse):
+    """int("-5", 16) is -5: the decoder once went back over its own line forever, freezing the worker."""
+    first = sse_answer(["a"], done=False)[0]
+
+    def script(conn):
+        conn.start()
+        conn.send(first)
+        time.sleep(0.2)  # the answer has begun
+        conn.send_raw(b"5\r\nhello\r\n-5\r\nworld\r\n")
+        conn.sleep_unless_hangup(5)
+
+    started = time.monotonic()
+    result = post(no_retry, ENDPOINTS[0], upstream.script(script), sse=sse)
+    assert time.monotonic() - started < 4, "the relay should fail the stream at once, not at the read timeout"
+    assert result.status == 200 and not result.complete if not sse else b"event: error" in result.body
+    model = upstream.script(stream_script(sse_answer(["still", " here"])))
+    assert post(no_retry, ENDPOINTS[0], model).text == "still here"
+
+
 @pytest.fixture
 def blackhole_port():
     """A loopback port whose accept queue is full, so connecting to it hangs until a timeout."""

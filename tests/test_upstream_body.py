@@ -69,10 +69,28 @@ def test_done_only_after_the_trailer_section_ends():
     assert decoder.done
 
 
-@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"3\r\nabcXY0\r\n\r\n", b"9" * 5000])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"zz\r\nabc\r\n",
+        b"3\r\nabcXY0\r\n\r\n",
+        b"9" * 5000,
+        b"5\r\nhello\r\n-5\r\nworld\r\n",  # a negative size once sent the decoder back over its own line, forever
+        b"+5\r\nhello\r\n",
+        b"0x5\r\nhello\r\n",
+        b"1_0\r\n0123456789abcdef\r\n",
+        b" 5\r\nhello\r\n",
+        b"\r\nhello\r\n",
+        b"fffffffffffffffff\r\n",  # past 64 bits
+    ],
+)
 def test_malformed_chunking_raises_a_protocol_error(bad):
     with pytest.raises(urllib3.exceptions.ProtocolError):
         ChunkedDecoder().feed(bad)
+
+
+def test_whitespace_before_a_chunk_extension_is_allowed():
+    assert ChunkedDecoder().feed(b"5 ;ext=1\r\nhello\r\n") == b"hello"
 
 
 def test_gzip_inside_chunks_is_what_the_relay_inflates():
