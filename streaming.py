@@ -229,7 +229,12 @@ class _Translator:
     @property
     def completion_tokens(self) -> int:
         reported = (self.usage or {}).get("completion_tokens")
-        return reported if isinstance(reported, int) else self.token_count
+        return reported if isinstance(reported, int) and not isinstance(reported, bool) else self.token_count
+
+    def _note_usage(self, chunk: dict) -> None:
+        usage = chunk.get("usage")
+        if usage and isinstance(usage, dict):  # anything else is no usage the relay can report
+            self.usage = usage
 
     @property
     def done(self) -> bool:
@@ -291,6 +296,8 @@ class TokenTranslator(_Translator):
         return b""
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
+        if event.event not in (None, b"message"):
+            return b""  # a named event (`event: ping` with data) is no chat chunk: not its meta, not a token
         out = b""
         if self.model is None:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
@@ -299,8 +306,7 @@ class TokenTranslator(_Translator):
                 if self.stream_id:
                     meta["stream_id"] = self.stream_id
                 out = self._frame(orjson.dumps(meta), b"meta")
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
+        self._note_usage(chunk)
         choices = chunk.get("choices")
         if not choices:
             return out
@@ -336,8 +342,7 @@ class PassthroughTranslator(_Translator):
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         if self.model is None and isinstance(chunk.get("model"), str):
             self.model = chunk["model"]
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
+        self._note_usage(chunk)
         for choice in chunk.get("choices") or ():
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -1124,13 +1129,17 @@ class RelayStream(_Answer, _InterruptibleWait):
                     yield PING
                     self._quiet_since = time.monotonic()
                     continue
-                except _UpstreamSilent:
+                except ClientGone:
+                    raise
+                except Exception:
                     if not translator.done:
                         raise
-                    chunk = None  # [DONE] came but the body's end did not: end the answer, drop the connection
+                    chunk = None  # the body's end did not come, or came broken: the answer is whole anyway
                 now = self._heard_at = time.monotonic()
                 if not chunk:
                     break
+                if translator.done:
+                    continue  # only the body's end is awaited: the connection may then be reused
                 events = decoder.feed(chunk)
                 if not events:
                     continue
@@ -1222,15 +1231,17 @@ class ResumableStream(_Answer):
                 self._reading_since = time.monotonic()
                 try:
                     chunk = read()
-                except _UpstreamSilent:
+                except Exception:
                     if not translator.done:
                         raise
-                    chunk = None  # [DONE] came but the body's end did not: end the answer, drop the connection
+                    chunk = None  # the body's end did not come, or came broken: the answer is whole anyway
                 finally:
                     self._reading_since = None
                     self._read_number += 1  # a silence notice meant for this read is stale from here
                 if not chunk:
                     break
+                if translator.done:
+                    continue  # only the body's end is awaited: the connection may then be reused
                 events = decoder.feed(chunk)
                 if events:
                     self._translate(events)
@@ -1491,6 +1502,8 @@ def _translate(translator, events: list[ServerSentEvent]) -> tuple[bytes | None,
     """
     parts = []
     for event in events:
+        if translator.done:
+            break  # the answer is whole at [DONE]: what follows it is not part of it
         try:
             parts.append(translator.feed(event))
         except RelayError as error:

@@ -409,3 +409,83 @@ def test_a_caller_reading_slower_than_the_upstream_writes_gets_every_byte_in_ord
     assert head.startswith(b"HTTP/1.1 200")
     text, complete = _dechunk(chunked)
     assert complete and text.decode() == "".join(tokens)
+
+
+# --- what comes after [DONE], and chunks of odd shapes -----------------------------------------
+
+FORMATS = ["text", "sse", "sse-resumable", "passthrough"]
+
+
+def relay_for(fmt: str, relay, relay_factory):
+    return relay_factory(RELAY_RESUME_SECONDS="30") if fmt == "sse-resumable" else relay
+
+
+def ask(relay, fmt: str, model: str):
+    if fmt == "passthrough":
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        return relay.post("/v1/chat/completions", body)
+    headers = {"X-Relay-Resumable": "1"} if fmt == "sse-resumable" else None
+    return relay.stream(model, sse=fmt != "text", headers=headers)
+
+
+def assert_whole(result, fmt: str, text: str) -> None:
+    """The answer ``text``, ended as a finished answer ends in ``fmt``."""
+    assert result.status == 200 and result.complete, result.body
+    if fmt == "text":
+        assert result.text == text
+    elif fmt == "passthrough":
+        events = [data for _, data in parse_sse(result.body)]
+        assert events[-1] == "[DONE]" and not any("error" in data for data in events), result.body
+        assert "".join(json.loads(data)["choices"][0]["delta"].get("content") or "" for data in events[:-1]
+                       if json.loads(data)["choices"]) == text  # fmt: skip
+    else:
+        events = parse_sse(result.body)
+        assert [kind for kind, _ in events][:1] == ["meta"] and events[-1][0] == "done", result.body
+        assert "".join(json.loads(data)["content"] for kind, data in events if kind is None) == text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "after_done",
+    [b"", b"zzz\r\n", b"%x\r\n%s\r\n" % (15, b"data: garbage\n\n"), b"%x\r\n%s\r\n" % (21, b'data: {"error": {}}\n\n')],
+    ids=["cut-before-the-last-chunk", "bad-framing", "garbage-event", "error-event"],
+)
+def test_an_answer_is_whole_at_done_whatever_its_body_does_next(relay, relay_factory, upstream, fmt, after_done):
+    def script(conn):
+        conn.start()
+        for event in sse_answer(["a", "b", "c"]):
+            conn.send(event)
+        time.sleep(0.2)  # the relay has read [DONE]
+        conn.send_raw(after_done)
+        conn.sock.close()
+
+    assert_whole(ask(relay_for(fmt, relay, relay_factory), fmt, upstream.script(script)), fmt, "abc")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_events_after_done_in_the_same_read_are_not_relayed(relay, relay_factory, upstream, fmt):
+    events = b"".join(sse_answer(["a", "b"])) + b"".join(sse_answer(["EXTRA"]))
+    model = upstream.script(stream_script([events]))
+    assert_whole(ask(relay_for(fmt, relay, relay_factory), fmt, model), fmt, "ab")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("usage", ["lots", [1, 2], 7])
+def test_a_usage_that_is_not_an_object_does_not_break_a_finished_answer(relay, relay_factory, upstream, fmt, usage):
+    events = sse_answer(["a", "b"], done=False) + [f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode(),
+                                                  b"data: [DONE]\n\n"]  # fmt: skip
+    target = relay_for(fmt, relay, relay_factory)
+    result = ask(target, fmt, upstream.script(stream_script(events)))
+    assert_whole(result, fmt, "ab")
+    if fmt.startswith("sse"):
+        assert json.loads(parse_sse(result.body)[-1][1])["usage"] is None
+    path = "/v1/chat/completions" if fmt == "passthrough" else "/api/stream_chat_completion"
+    [line] = target.wait_access_line(path, request_id=result.headers["x-request-id"])
+    assert line["outcome"] == "ok" and line["completion_tokens"] == 2
+
+
+def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
+    events = [b'event: ping\ndata: {"type": "ping"}\n\n', *sse_answer(["a"])]
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    kind, data = parse_sse(result.body)[0]
+    assert kind == "meta" and json.loads(data)["id"] == "chatcmpl-fake" and json.loads(data)["model"] == "fake-model"
