@@ -443,7 +443,9 @@ class UpstreamClient:
                 response = self._adapter.send(prepared, stream=stream, timeout=self._timeout)
             except requests.RequestException as exc:
                 error = _transport_error(exc)
-                retryable = isinstance(exc, requests.ConnectionError)  # ConnectTimeout too; ReadTimeout is not
+                # Connect errors, and a connection that broke before any reply (reset, closed): the
+                # official SDKs retry both. Timeouts waiting for the reply (ReadTimeout) are not retried.
+                retryable = isinstance(exc, requests.ConnectionError)
                 delay = _backoff(attempt)
             else:
                 if response.status_code < 300:
@@ -616,7 +618,19 @@ def _error_object(error) -> dict:
 def _transport_error(exc: Exception) -> RelayError:
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout, _UpstreamSilent)):
         return RelayError(504, "upstream_timeout", "The upstream did not answer in time.", outcome="timeout")
-    return RelayError(502, "upstream_error", "Could not reach the upstream.", outcome="upstream_error")
+    if _never_reached(exc):
+        return RelayError(502, "upstream_error", "Could not reach the upstream.", outcome="upstream_error")
+    return RelayError(502, "upstream_error", "The upstream connection failed before its answer began.", outcome="upstream_error")
+
+
+def _never_reached(exc: Exception) -> bool:
+    """Whether the request failed before any connection to the upstream was made (so it was not sent)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    cause = exc.args[0] if exc.args else None  # urllib3's MaxRetryError, whose reason is the failure
+    return isinstance(getattr(cause, "reason", None), urllib3.exceptions.NewConnectionError)
 
 
 def _backoff(attempt: int) -> float:
@@ -1489,6 +1503,8 @@ def _reading_error(exc: Exception, *, started: bool) -> RelayError:
         return exc.error
     if isinstance(exc, ValueError):  # an over-long line
         return _malformed(str(exc))
+    if isinstance(exc, zlib.error):
+        return _malformed("the body's gzip or deflate encoding is corrupt")
     if isinstance(exc, _TRANSPORT_ERRORS):
         return _stream_transport_error(exc) if started else _transport_error(exc)
     log.exception("reading the upstream failed unexpectedly", exc_info=exc)

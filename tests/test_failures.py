@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import UPSTREAM_KEY, free_port
-from fake_upstream import chunk, sse_answer, stream_script
+from fake_upstream import chunk, gzip_bytes, sse_answer, stream_script
 from test_token_stream import parse_sse
 
 ENDPOINTS = ["/api/stream_chat_completion", "/v1/chat/completions"]
@@ -94,7 +94,31 @@ def test_upstream_5xx_after_retries_is_502_upstream_error(no_retry, upstream, pa
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_a_refused_connection_is_502_upstream_error(relay_factory, path):
     relay = relay_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", RELAY_RETRIES="0")
-    assert_error(post(relay, path, "m"), 502, "upstream_error")
+    result = post(relay, path, "m")
+    assert_error(result, 502, "upstream_error")
+    assert result.json()["error"]["message"] == "Could not reach the upstream."
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_a_connection_closed_without_a_reply_is_not_called_unreachable(no_retry, upstream, path):
+    result = post(no_retry, path, upstream.script(lambda conn: None))  # reads the request, closes
+    assert_error(result, 502, "upstream_error")
+    assert result.json()["error"]["message"] == "The upstream connection failed before its answer began."
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_corrupt_gzip_body_is_a_malformed_reply_not_the_relays_own_failure(no_retry, upstream, sse):
+    body = gzip_bytes(b"".join(sse_answer(["a"] * 200)))
+    corrupt = body[:40] + bytes(byte ^ 0xFF for byte in body[40:60]) + body[60:]
+
+    def script(conn):
+        conn.start(headers=[("Content-Encoding", "gzip")])
+        conn.send_raw(b"%x\r\n%s\r\n0\r\n\r\n" % (len(corrupt), corrupt))
+
+    result = post(no_retry, ENDPOINTS[0], upstream.script(script), sse=sse)
+    assert_error(result, 502, "upstream_error")
+    assert "gzip" in result.json()["error"]["message"]
+    assert "Traceback" not in no_retry.log()
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
