@@ -6,7 +6,9 @@ one-line message names the variable and the accepted form, and start-up stops th
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -16,6 +18,10 @@ import limits
 from dotenv import load_dotenv
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# The shortest read timeout or heartbeat: the stream watch ticks at half of it, and a tick of a
+# nanosecond would spin the worker (RELAY_HEARTBEAT_SECONDS=1e-9 sent 25,000 pings a second).
+MIN_CLOCK_SECONDS = 0.1
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -95,17 +101,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         redis_url=env.redis_url("REDIS_URL"),
         trusted_proxies=env.integer("RELAY_TRUSTED_PROXIES", 0, minimum=0),
         connect_timeout=env.seconds("RELAY_CONNECT_TIMEOUT", 5.0),
-        read_timeout=env.seconds("RELAY_READ_TIMEOUT", 120.0),
+        read_timeout=env.seconds("RELAY_READ_TIMEOUT", 120.0, minimum=MIN_CLOCK_SECONDS),
         retries=env.integer("RELAY_RETRIES", 2, minimum=0, maximum=10),
-        heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0),
+        heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0, minimum=MIN_CLOCK_SECONDS),
         graceful_timeout=env.seconds("RELAY_GRACEFUL_TIMEOUT", 30.0),
         resume_seconds=env.seconds("RELAY_RESUME_SECONDS", 0.0, allow_zero=True),
         log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
-        host=env.text("HOST") or "0.0.0.0",
+        host=env.host("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, minimum=0, maximum=65535),
         web_concurrency=env.integer("WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
         worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
-        metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR"),
+        metrics_dir=env.writable_dir("PROMETHEUS_MULTIPROC_DIR"),
     )
 
 
@@ -152,7 +158,7 @@ class _Env:
             raise SettingsError(f"{name}={raw!r}: expected a whole number{bounds}")
         return value
 
-    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False, minimum: float = 0.0) -> float:
         raw = self.text(name)
         if raw is None:
             return default
@@ -160,10 +166,23 @@ class _Env:
             value = float(raw)
         except ValueError:
             value = -1.0
-        if not (value > 0 or (allow_zero and value == 0)) or value == float("inf"):
+        if not ((allow_zero and value == 0) or (0 < value < float("inf") and value >= minimum)):
             what = "zero or a positive" if allow_zero else "a positive"
-            raise SettingsError(f"{name}={raw!r}: expected {what} number of seconds, e.g. 5 or 0.5")
+            at_least = f" of at least {minimum:g}" if minimum else ""
+            raise SettingsError(f"{name}={raw!r}: expected {what} number of seconds{at_least}, e.g. 5 or 0.5")
         return value
+
+    def host(self, name: str, default: str) -> str:
+        value = self.text(name) or default
+        if not _is_host(value):
+            raise SettingsError(f"{name}={value!r}: expected an IP address or host name to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        return value
+
+    def writable_dir(self, name: str) -> str | None:
+        path = self.text(name)
+        if path is not None and not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
+            raise SettingsError(f"{name}={path!r}: expected an existing directory this user can write to")
+        return path
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = (self.text(name) or default).upper()
@@ -176,7 +195,7 @@ class _Env:
         given = f"{name}={raw!r}" if "@" not in raw else name  # user:password@ is not repeated
         refusal = f"{given}: expected an http(s) URL such as {DEFAULT_BASE_URL}"
         parts = _split_url(raw, refusal)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        if parts.scheme not in ("http", "https") or not _is_host(parts.hostname) or parts.query or parts.fragment:
             raise SettingsError(refusal)
         if parts.username is not None or parts.password is not None:
             # requests would send them as Basic auth in place of the key, and /healthz shows the netloc
@@ -265,6 +284,17 @@ def normalize_origin(origin: str) -> str | None:
     scheme, host = parts.scheme.lower(), parts.hostname  # hostname is already lower case
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def _is_host(value: str | None) -> bool:
+    """An IP address or a host name: no spaces or URL punctuation (underscores pass: container names)."""
+    if not value:
+        return False
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return True
+    except ValueError:
+        return _HOST_NAME.fullmatch(value) is not None
 
 
 def _split_url(raw: str, refusal: str):

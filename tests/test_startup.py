@@ -59,6 +59,11 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("RELAY_ACCESS_TOKENS", " , "),
         ("RELAY_MODELS", ","),  # names no model: read as unset, any model would be allowed
         ("RELAY_ALLOWED_ORIGINS", ","),
+        ("HOST", "not a host!"),
+        ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/dir"),
+        ("OPENAI_BASE_URL", "http://exa mple.com/v1"),
+        ("RELAY_HEARTBEAT_SECONDS", "1e-9"),  # the watch would tick every half nanosecond
+        ("RELAY_READ_TIMEOUT", "0.01"),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
