@@ -4,6 +4,7 @@ Values come from the relay's own settings (environment and `.env`), so one bad v
 server here with one line, before any worker starts.
 """
 
+import functools
 import gc
 import glob
 import math
@@ -151,6 +152,9 @@ class _Connections:
 
         class TrackedStreamServer(gevent.server.StreamServer):
             def __init__(self, listener, handle, **kwargs):
+                if isinstance(handle, functools.partial) and handle.args:  # gunicorn's: handle(listener, ...)
+                    handle = functools.partial(handle.func, _NamedListener(handle.args[0]), *handle.args[1:])
+
                 def tracked_handle(client, address):
                     handler = gevent.getcurrent()
                     connections.clients[handler] = (client, time.monotonic())
@@ -210,6 +214,25 @@ class _Connections:
 
 
 _connections = _Connections()  # filled in each worker, for that worker
+
+
+class _NamedListener:
+    """gunicorn's listening socket as its connection handlers see it, with its address read once.
+
+    A stopping worker closes its listener at once; a connection accepted just before may have its
+    handler start after that, and gunicorn's handler begins by asking the listener for its address:
+    EBADF, a traceback, and the connection dropped. Everything else is the listener's own.
+    """
+
+    def __init__(self, listener):
+        self._listener = listener
+        self._name = listener.getsockname()
+
+    def getsockname(self):
+        return self._name
+
+    def __getattr__(self, name):
+        return getattr(self._listener, name)
 
 
 class _ClientSocket(gevent.socket.socket):

@@ -597,6 +597,33 @@ def test_sigterm_refuses_new_connections_at_once_while_streams_in_flight_go_on(r
     relay.stop()
 
 
+def test_a_connection_accepted_as_sigterm_comes_is_answered_without_a_socket_error(relay_factory, upstream):
+    """Its handler may start after the listener closed, and gunicorn's reads the listener's address."""
+    relay = relay_factory(fresh=True, workers=2, RELAY_GRACEFUL_TIMEOUT="3")
+    held = upstream.script(stream_script(sse_answer(list("ab")), delay=0.5))
+    thread = threading.Thread(target=lambda: post(relay, ENDPOINTS[0], held))
+    thread.start()
+    upstream.wait_seen(held)
+    os.kill(relay.proc.pid, signal.SIGTERM)  # the master, as systemd's stop does: it tells the workers
+    try:
+        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=2)
+    except OSError:
+        sock = None  # refused already: nothing to check this time
+    if sock is not None:
+        with sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            try:
+                answer = sock.recv(12)
+            except OSError as exc:
+                answer = repr(exc).encode()
+        assert answer == b"HTTP/1.1 200", f"a connection the relay accepted was dropped: {answer!r}"
+    thread.join(10)
+    relay.proc.wait(15)
+    log = relay.log()
+    assert "Socket error processing request" not in log and "Bad file descriptor" not in log, log[-3000:]
+    relay.stop()
+
+
 def test_sigterm_closes_idle_connections_and_exits_without_waiting_for_them(relay_factory, upstream):
     # A kept-alive connection between requests (nginx keeps some) and one that has sent nothing yet
     # held gunicorn's worker until its kill, RELAY_GRACEFUL_TIMEOUT + 5 s after the signal. Now the
