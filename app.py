@@ -151,6 +151,9 @@ def _register(app: Flask, settings: Settings) -> None:
         if response.status_code >= 400 and fields["outcome"] == "ok":
             fields["outcome"] = "rejected"
         response.call_on_close(lambda: _request_finished(fields, started, endpoint))
+        # A static file is handed to the server as it is, and the server closes only the file: the
+        # response's close, which writes this request's log line, would never run.
+        response.direct_passthrough = False
         return response
 
     @app.errorhandler(RelayError)
@@ -645,7 +648,9 @@ if __name__ == "__main__":
         dev_settings = load_settings()
     except SettingsError as exc:
         sys.exit(f"chat-relay: {exc}")
-    server = WSGIServer((dev_settings.host, dev_settings.port), create_app(dev_settings), handler_class=_Handler)
+    server = WSGIServer(  # no access log of gevent's: the relay writes its own JSON line per request
+        (dev_settings.host, dev_settings.port), create_app(dev_settings), handler_class=_Handler, log=None
+    )
     print(f"chat-relay (development server) on http://{dev_settings.host}:{dev_settings.port}", file=sys.stderr)
     server.serve_forever()
 else:

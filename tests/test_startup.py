@@ -165,6 +165,38 @@ def test_python_app_py_refuses_a_bad_setting_with_one_line():
     assert result.returncode != 0 and output.count("\n") == 0 and "RELAY_HEARTBEAT_SECONDS" in output
 
 
+def test_python_app_py_serves_with_one_json_log_line_per_request(tmp_path):
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "RELAY_DEMO": "1", "HOST": "127.0.0.1", "PORT": str(port),
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}  # fmt: skip
+    log_path = tmp_path / "dev.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    assert json.loads(response.read())["upstream"] == "demo"
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/relay-client.js", timeout=5) as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 5
+        while log_path.read_text().count('"path":') < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the line is written when the server closes the response
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = [line for line in log_path.read_text().splitlines() if line.strip() and "development server" not in line
+             and "DEMO" not in line.upper()]  # fmt: skip
+    paths = [json.loads(line)["path"] for line in lines if line.startswith("{")]
+    assert paths[-2:] == ["/healthz", "/static/relay-client.js"]
+    assert all(line.startswith("{") for line in lines), f"a line that is not the relay's JSON: {lines}"
+
+
 def test_settings_defaults_match_the_contract():
     settings = load_settings(BASE)
     assert settings.base_url == "https://api.openai.com/v1"

@@ -262,6 +262,15 @@ def test_one_json_log_line_per_request_with_the_contract_fields(relay, upstream)
     assert "hi" not in json.dumps(line["model"])
 
 
+def test_the_page_and_static_files_get_their_log_line_too(relay):
+    """Flask hands a file to the server as it is; the line written when the response closes must still come."""
+    for path in ("/", "/static/relay-client.js"):
+        result = relay.request("GET", path)
+        assert result.status == 200 and len(result.body) > 500
+        [line] = relay.wait_access_line(path, request_id=result.headers["x-request-id"])
+        assert line["status"] == 200 and line["outcome"] == "ok"
+
+
 def test_an_insane_request_id_is_replaced(relay):
     result = relay.request("GET", "/healthz", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200})
     assert result.headers["x-request-id"] and " " not in result.headers["x-request-id"]
