@@ -562,12 +562,31 @@ class _PeekedLiveness:
             return False
 
 
+class _UpstreamHTTPResponse(http.client.HTTPResponse):
+    """http.client's response, skipping each interim (1xx) response that comes before the answer.
+
+    http.client skips only 100 Continue. RFC 9110 (15.2) has a client ignore the interim responses
+    it did not ask for, such as 103 Early Hints, which some servers and proxies send first; taken
+    for the answer, one failed the request (an empty 103 is no event stream).
+    """
+
+    MAX_INTERIM = 16
+
+    def _read_status(self):
+        for _ in range(self.MAX_INTERIM):
+            version, status, reason = super()._read_status()
+            if not 102 <= status < 200:  # begin() skips 100 itself; 101 would switch protocols
+                return version, status, reason
+            http.client._read_headers(self.fp)  # the interim response's headers, ignored
+        raise http.client.HTTPException(f"more than {self.MAX_INTERIM} interim responses")
+
+
 class _HTTPConnection(_PeekedLiveness, urllib3.connection.HTTPConnection):
-    pass
+    response_class = _UpstreamHTTPResponse
 
 
 class _HTTPSConnection(_PeekedLiveness, urllib3.connection.HTTPSConnection):
-    pass
+    response_class = _UpstreamHTTPResponse
 
 
 class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):

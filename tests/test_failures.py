@@ -121,6 +121,28 @@ def test_a_corrupt_gzip_body_is_a_malformed_reply_not_the_relays_own_failure(no_
     assert "Traceback" not in no_retry.log()
 
 
+@pytest.mark.parametrize("path, stream", [(ENDPOINTS[0], True), (ENDPOINTS[1], True), (ENDPOINTS[1], False)])
+def test_interim_responses_before_the_answer_are_skipped(no_retry, upstream, path, stream):
+    """103 Early Hints (or 102) first: RFC 9110 has a client ignore the interim responses it did not expect."""
+
+    def script(conn):
+        conn.send_raw(b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        if stream:
+            stream_script(sse_answer(["a", "b"]))(conn)
+        else:
+            conn.json_response(200, {"id": "x", "object": "chat.completion", "choices": []})
+
+    body = {"model": upstream.script(script), "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    result = no_retry.post(path, body)
+    assert result.status == 200, result.body
+    if path == ENDPOINTS[0]:
+        assert result.text == "ab"
+    elif stream:
+        assert result.body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert result.json()["id"] == "x"
+
+
 @pytest.mark.parametrize("path", ENDPOINTS)
 def test_an_upstream_200_that_is_not_an_event_stream_is_502(no_retry, upstream, path):
     model = upstream.script(failing(200, {"choices": []}))
