@@ -52,6 +52,7 @@ from streaming import (
     TokenTranslator,
     UpstreamClient,
     client_socket_closed,
+    is_token_count,
     shutting_down,
     sse_error_frame,
     while_caller_waits,
@@ -513,7 +514,7 @@ def _reported_completion_tokens(answer) -> int | None:
     """The completion tokens a non-streaming answer's usage reports, if it reports them."""
     usage = answer.get("usage") if isinstance(answer, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+    return tokens if is_token_count(tokens) else None
 
 
 def _start_recording(relay: _Relay) -> StreamRecording | None:

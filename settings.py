@@ -287,14 +287,22 @@ def normalize_origin(origin: str) -> str | None:
 
 
 def _is_host(value: str | None) -> bool:
-    """An IP address or a host name: no spaces or URL punctuation (underscores pass: container names)."""
+    """An IP address or a host name: no spaces or URL punctuation. Underscores pass (container
+    names), as do a final dot (a fully qualified name) and non-ASCII letters (IDNA)."""
     if not value:
         return False
     try:
         ipaddress.ip_address(value.strip("[]"))
         return True
     except ValueError:
-        return _HOST_NAME.fullmatch(value) is not None
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+    return _HOST_NAME.fullmatch(name) is not None
 
 
 def _split_url(raw: str, refusal: str):

@@ -198,6 +198,11 @@ def _truncated() -> RelayError:
     )
 
 
+def is_token_count(value) -> bool:
+    """A token count an upstream reported that the relay can log and count: a whole number, not negative."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _parse_chunk(data: bytes) -> dict:
     try:
         chunk = orjson.loads(data)
@@ -229,7 +234,7 @@ class _Translator:
     @property
     def completion_tokens(self) -> int:
         reported = (self.usage or {}).get("completion_tokens")
-        return reported if isinstance(reported, int) and not isinstance(reported, bool) else self.token_count
+        return reported if is_token_count(reported) else self.token_count
 
     def _note_usage(self, chunk: dict) -> None:
         usage = chunk.get("usage")
@@ -296,7 +301,7 @@ class TokenTranslator(_Translator):
         return b""
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
-        if event.event not in (None, b"message"):
+        if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
             return b""  # a named event (`event: ping` with data) is no chat chunk: not its meta, not a token
         out = b""
         if self.model is None:
@@ -601,6 +606,10 @@ def _read_at_most(response: requests.Response, limit: int) -> bytes:
     """A whole non-streamed body; RelayError when it is too long, stalls or is cut short."""
     try:
         content = response.raw.read(limit + 1, decode_content=True)
+    except urllib3.exceptions.DecodeError:
+        raise _malformed("the body's gzip or deflate encoding is corrupt") from None
+    except urllib3.exceptions.ProtocolError:  # the head came: a body cut short, or badly framed
+        raise _malformed("the body was cut short or badly framed") from None
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise _transport_error(exc) from None
     if len(content) > limit:
@@ -679,6 +688,10 @@ def _retry_after(value: str | None) -> float | None:
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
+class BadFraming(urllib3.exceptions.ProtocolError):
+    """The upstream's chunked body is malformed: a broken reply, not a broken connection."""
+
+
 class ChunkedDecoder:
     """Decodes an HTTP/1.1 chunked body incrementally: bytes in, payload bytes out (RFC 9112 7.1).
 
@@ -691,10 +704,28 @@ class ChunkedDecoder:
         self._pending = b""
         self._left = 0  # payload bytes still due in the current chunk
         self._state = "size"  # size, data, crlf, trailer
+        self._error: BadFraming | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     def feed(self, data: bytes) -> bytes:
+        """The payload in ``data``. Bad framing raises BadFraming, but only once the payload decoded
+        before it has been returned: it may hold the answer's end ([DONE])."""
+        if self._error is not None:
+            raise self._error
+        out: list[bytes] = []
+        try:
+            return self._decode(data, out)
+        except BadFraming as error:
+            if not out:
+                raise
+            self._error = error
+            return b"".join(out)
+
+    def _decode(self, data: bytes, out: list[bytes]) -> bytes:
         buf = self._pending + data if self._pending else data
-        out = []
         pos, end = 0, len(buf)
         while pos < end and not self.done:
             state = self._state
@@ -709,18 +740,18 @@ class ChunkedDecoder:
             line_end = buf.find(b"\n", pos)
             if line_end < 0:
                 if end - pos > 4096:
-                    raise urllib3.exceptions.ProtocolError("chunk header line too long")
+                    raise BadFraming("chunk header line too long")
                 break
             line = buf[pos:line_end].rstrip(b"\r")
             pos = line_end + 1
             if state == "crlf":
                 if line:
-                    raise urllib3.exceptions.ProtocolError("chunk not followed by CRLF")
+                    raise BadFraming("chunk not followed by CRLF")
                 self._state = "size"
             elif state == "size":
                 size = line.split(b";", 1)[0].rstrip(b" \t")  # whitespace may come before an extension
                 if not _CHUNK_SIZE.fullmatch(size):  # int() would also take "-5", "+5", "0x5" and "1_0"
-                    raise urllib3.exceptions.ProtocolError(f"bad chunk size line {line[:40]!r}")
+                    raise BadFraming(f"bad chunk size line {line[:40]!r}")
                 self._left = int(size, 16)
                 self._state = "data" if self._left else "trailer"
             elif not line:  # the empty line that ends the trailer section
@@ -828,6 +859,8 @@ class UpstreamBody:
     def read(self) -> bytes:
         """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
         while not self.complete:
+            if self._chunked is not None and self._chunked.failed:
+                self._chunked.feed(b"")  # raises the framing error found after the payload last returned
             if self._early:
                 data, self._early = self._early, b""
             else:
@@ -1080,6 +1113,7 @@ class _Answer:
         self._heartbeat = heartbeat_seconds if translator.sse else None
         self._read_timeout = read_timeout
         self._committed = False  # the caller has its first output: heartbeats may flow
+        self._done_at: float | None = None  # when [DONE] came: the body's end is awaited from then on
         # The watch first looks at this stream after the caller's next wait, when the subclass is set up.
         _watch.add(self, min(CLIENT_POLL_SECONDS, read_timeout / 2, (self._heartbeat or CLIENT_POLL_SECONDS) / 2))
 
@@ -1154,7 +1188,7 @@ class RelayStream(_Answer, _InterruptibleWait):
             self._pings_may_interrupt = body.direct
             self._heard_at = time.monotonic()
             while True:
-                if self._heard_at >= _shutdown_deadline:  # a busy stream may never be caught waiting
+                if self._heard_at >= _shutdown_deadline and not translator.done:  # a busy stream is never caught waiting
                     raise _Stop(_shutdown_error())
                 try:
                     chunk = self._wait(body.read)
@@ -1168,7 +1202,8 @@ class RelayStream(_Answer, _InterruptibleWait):
                     if not translator.done:
                         raise
                     chunk = None  # the body's end did not come, or came broken: the answer is whole anyway
-                now = self._heard_at = time.monotonic()
+                now = time.monotonic()
+                self._heard_at = self._done_at or now  # after [DONE], bytes that are not the body's end extend nothing
                 if not chunk:
                     break
                 if translator.done:
@@ -1177,6 +1212,8 @@ class RelayStream(_Answer, _InterruptibleWait):
                 if not events:
                     continue
                 out, error = _translate(translator, events)
+                if translator.done:
+                    self._done_at = now
                 if out is not None and (out or self.first_event_at is None):
                     if self.first_event_at is None:
                         self.first_event_at = now  # the first output commits the response, even empty
@@ -1261,7 +1298,7 @@ class ResumableStream(_Answer):
             body = UpstreamBody(response)
             read = body.read
             while True:
-                self._reading_since = time.monotonic()
+                self._reading_since = self._done_at or time.monotonic()  # after [DONE]: from [DONE] on
                 try:
                     chunk = read()
                 except Exception:
@@ -1278,6 +1315,8 @@ class ResumableStream(_Answer):
                 events = decoder.feed(chunk)
                 if events:
                     self._translate(events)
+                    if translator.done:
+                        self._done_at = time.monotonic()
             if chunk is not None:
                 body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
@@ -1524,6 +1563,8 @@ def _reading_error(exc: Exception, *, started: bool) -> RelayError:
         return _malformed(str(exc))
     if isinstance(exc, zlib.error):
         return _malformed("the body's gzip or deflate encoding is corrupt")
+    if isinstance(exc, BadFraming):
+        return _malformed(f"the body's chunked framing is broken ({exc})")
     if isinstance(exc, _TRANSPORT_ERRORS):
         return _stream_transport_error(exc) if started else _transport_error(exc)
     log.exception("reading the upstream failed unexpectedly", exc_info=exc)

@@ -216,6 +216,19 @@ def test_requests_ca_bundle_is_the_ca_file_when_both_variables_are_set():
     assert load_settings(BASE).ca_bundle is None
 
 
+@pytest.mark.parametrize(
+    "url", ["http://api.openai.com./v1", "http://vllm.ns.svc.cluster.local.:8000/v1", "http://llm_server:8000/v1",
+            "https://bücher.example/v1", "http://[::1]:11434/v1", "http://10.0.0.5:8000/v1"],
+)  # fmt: skip
+def test_every_kind_of_host_name_is_accepted_in_the_base_url(url):
+    assert load_settings({**BASE, "OPENAI_BASE_URL": url}).base_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "relay.internal", "relay.internal."])
+def test_every_kind_of_address_is_accepted_as_host(host):
+    assert load_settings({**BASE, "HOST": host}).host == host
+
+
 def test_a_keyless_upstream_is_allowed_when_the_base_url_is_explicit():
     settings = load_settings({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"})
     assert settings.api_key is None and settings.upstream_label == "127.0.0.1:11434"

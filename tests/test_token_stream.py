@@ -459,16 +459,39 @@ def assert_whole(result, fmt: str, text: str) -> None:
     [b"", b"zzz\r\n", b"%x\r\n%s\r\n" % (15, b"data: garbage\n\n"), b"%x\r\n%s\r\n" % (21, b'data: {"error": {}}\n\n')],
     ids=["cut-before-the-last-chunk", "bad-framing", "garbage-event", "error-event"],
 )
-def test_an_answer_is_whole_at_done_whatever_its_body_does_next(relay, relay_factory, upstream, fmt, after_done):
+@pytest.mark.parametrize("same_read", [False, True], ids=["later-read", "same-read"])
+def test_an_answer_is_whole_at_done_whatever_its_body_does_next(relay, relay_factory, upstream, fmt, after_done, same_read):
     def script(conn):
         conn.start()
-        for event in sse_answer(["a", "b", "c"]):
-            conn.send(event)
-        time.sleep(0.2)  # the relay has read [DONE]
-        conn.send_raw(after_done)
+        answer = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in sse_answer(["a", "b", "c"]))
+        if same_read:
+            conn.send_raw(answer + after_done)
+        else:
+            conn.send_raw(answer)
+            time.sleep(0.2)  # the relay has read [DONE]
+            conn.send_raw(after_done)
         conn.sock.close()
 
     assert_whole(ask(relay_for(fmt, relay, relay_factory), fmt, upstream.script(script)), fmt, "abc")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_upstream_that_keeps_sending_after_done_does_not_hold_the_answer_open(relay, relay_factory, upstream, fmt):
+    """The body's end is awaited for half a second after [DONE], not after the upstream's last byte."""
+
+    def script(conn):
+        conn.start()
+        for event in sse_answer(["a", "b"]):
+            conn.send(event)
+        for _ in range(50):  # 5 s of comments, never the body's end
+            if conn.sleep_unless_hangup(0.1):
+                return
+            conn.send(b": keep\n\n")
+
+    started = time.monotonic()
+    result = ask(relay_for(fmt, relay, relay_factory), fmt, upstream.script(script))
+    assert time.monotonic() - started < 3, "the answer was held open by bytes after [DONE]"
+    assert_whole(result, fmt, "ab")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -479,7 +502,7 @@ def test_events_after_done_in_the_same_read_are_not_relayed(relay, relay_factory
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("usage", ["lots", [1, 2], 7])
+@pytest.mark.parametrize("usage", ["lots", [1, 2], 7, {"completion_tokens": -3}, {"completion_tokens": True}])
 def test_a_usage_that_is_not_an_object_does_not_break_a_finished_answer(relay, relay_factory, upstream, fmt, usage):
     events = sse_answer(["a", "b"], done=False) + [f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode(),
                                                   b"data: [DONE]\n\n"]  # fmt: skip
@@ -487,10 +510,16 @@ def test_a_usage_that_is_not_an_object_does_not_break_a_finished_answer(relay, r
     result = ask(target, fmt, upstream.script(stream_script(events)))
     assert_whole(result, fmt, "ab")
     if fmt.startswith("sse"):
-        assert json.loads(parse_sse(result.body)[-1][1])["usage"] is None
+        expected = usage if isinstance(usage, dict) else None  # passed on as sent; only counted when sane
+        assert json.loads(parse_sse(result.body)[-1][1])["usage"] == expected
     path = "/v1/chat/completions" if fmt == "passthrough" else "/api/stream_chat_completion"
     [line] = target.wait_access_line(path, request_id=result.headers["x-request-id"])
     assert line["outcome"] == "ok" and line["completion_tokens"] == 2
+
+
+def test_an_empty_event_type_is_the_default_message_type(relay, upstream):
+    events = [b"event:\n" + event if event.startswith(b"data: {") else event for event in sse_answer(["a", "b"])]
+    assert relay.stream(upstream.script(stream_script(events))).text == "ab"
 
 
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):

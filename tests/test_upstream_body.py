@@ -85,8 +85,19 @@ def test_done_only_after_the_trailer_section_ends():
     ],
 )
 def test_malformed_chunking_raises_a_protocol_error(bad):
+    decoder = ChunkedDecoder()
     with pytest.raises(urllib3.exceptions.ProtocolError):
-        ChunkedDecoder().feed(bad)
+        decoder.feed(bad)
+        decoder.feed(b"")  # the payload decoded before the error comes first
+
+
+def test_payload_before_bad_framing_in_the_same_read_comes_first_then_the_error():
+    """The payload may hold the answer's [DONE]: dropping it with the read would fail a finished answer."""
+    decoder = ChunkedDecoder()
+    assert decoder.feed(b"e\r\ndata: [DONE]\n\n\r\nzzz\r\n") == b"data: [DONE]\n\n"
+    for _ in range(2):
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            decoder.feed(b"0\r\n\r\n")
 
 
 def test_whitespace_before_a_chunk_extension_is_allowed():
