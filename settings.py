@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlsplit
 
+import idna
 import limits
 from dotenv import load_dotenv
 
@@ -298,9 +299,9 @@ def _is_host(value: str | None) -> bool:
         pass
     name = value[:-1] if value.endswith(".") else value
     if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
+        try:  # as requests encodes it (IDNA 2008 with UTS 46), so a name it would refuse is refused here
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             return False
     return _HOST_NAME.fullmatch(name) is not None
 

@@ -706,15 +706,15 @@ class ChunkedDecoder:
         self._state = "size"  # size, data, crlf, trailer
         self._error: BadFraming | None = None
 
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
+    def check(self) -> None:
+        """Raise the framing error found after the payload ``feed`` last returned, if there was one."""
+        if self._error is not None:
+            raise self._error
 
     def feed(self, data: bytes) -> bytes:
         """The payload in ``data``. Bad framing raises BadFraming, but only once the payload decoded
         before it has been returned: it may hold the answer's end ([DONE])."""
-        if self._error is not None:
-            raise self._error
+        self.check()
         out: list[bytes] = []
         try:
             return self._decode(data, out)
@@ -757,6 +757,39 @@ class ChunkedDecoder:
             elif not line:  # the empty line that ends the trailer section
                 self.done = True
         self._pending = buf[pos:]
+        return b"".join(out)
+
+
+class _Inflater:
+    """gzip or deflate decoding that, like ChunkedDecoder, returns what it decoded before damaged
+    bytes and raises on the next call: zlib drops a whole call's output on an error, and that output
+    may hold the answer's end ([DONE]). Only compressed bodies pay for the copy this needs."""
+
+    def __init__(self, wbits: int):
+        self._zlib = zlib.decompressobj(wbits)
+        self._error: zlib.error | None = None
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def decompress(self, data: bytes, final: bool) -> bytes:
+        self.check()
+        before = self._zlib.copy()
+        try:
+            return self._zlib.decompress(data) + (self._zlib.flush() if final else b"")
+        except zlib.error:
+            self._zlib = before
+        out = []
+        try:  # again, a byte at a time (a rare path): everything before the damaged byte comes out
+            for start in range(len(data)):
+                out.append(self._zlib.decompress(data[start : start + 1]))
+            if final:
+                out.append(self._zlib.flush())
+        except zlib.error as error:
+            if not any(out):
+                raise
+            self._error = error
         return b"".join(out)
 
 
@@ -838,9 +871,9 @@ class UpstreamBody:
             self._recv = self._socket.read1
         self._inflate = None
         if encoding in ("gzip", "x-gzip"):
-            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._inflate = _Inflater(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS)
+            self._inflate = _Inflater(zlib.MAX_WBITS)
 
     def _take_socket(self, source, sock) -> bytes:
         """Stop reading through http.client's buffer; returns what it holds of the body already."""
@@ -858,9 +891,10 @@ class UpstreamBody:
 
     def read(self) -> bytes:
         """The next decoded payload bytes; b"" at the end of the body. Blocks until some arrive."""
+        for decoder in (self._chunked, self._inflate):
+            if decoder is not None:
+                decoder.check()  # damage found after the payload last returned
         while not self.complete:
-            if self._chunked is not None and self._chunked.failed:
-                self._chunked.feed(b"")  # raises the framing error found after the payload last returned
             if self._early:
                 data, self._early = self._early, b""
             else:
@@ -876,7 +910,7 @@ class UpstreamBody:
                 self._left -= len(data)
                 self.complete = self._left == 0
             if self._inflate is not None:
-                data = self._inflate.decompress(data) + (self._inflate.flush() if self.complete else b"")
+                data = self._inflate.decompress(data, final=self.complete)
             if data:
                 return data
         return b""
@@ -885,7 +919,7 @@ class UpstreamBody:
         if self._chunked is not None or self._left:
             raise urllib3.exceptions.ProtocolError("the upstream closed the connection mid-body")
         self.complete = True
-        return self._inflate.flush() if self._inflate is not None else b""
+        return self._inflate.decompress(b"", final=True) if self._inflate is not None else b""
 
     def close(self) -> None:
         """Release the readiness watcher; the response itself is the caller's to close or finish."""
@@ -1344,6 +1378,8 @@ class ResumableStream(_Answer):
                 stopped = _unstoppable(lambda: self._put(out)) or stopped  # even empty: it commits the response
             elif out:
                 stopped = _unstoppable(lambda: self._put(out)) or stopped
+        if stopped is not None and self.translator.done:
+            stopped = None  # the answer is whole: a stop landing now (the shutdown deadline) is too late
         if error is not None or stopped is not None:
             raise error or stopped
 

@@ -62,6 +62,7 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("HOST", "not a host!"),
         ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/dir"),
         ("OPENAI_BASE_URL", "http://exa mple.com/v1"),
+        ("OPENAI_BASE_URL", "http://☃.example/v1"),  # Python's IDNA 2003 codec takes it, requests would not
         ("RELAY_HEARTBEAT_SECONDS", "1e-9"),  # the watch would tick every half nanosecond
         ("RELAY_READ_TIMEOUT", "0.01"),
     ],

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import UPSTREAM_KEY
-from fake_upstream import chunk, sse_answer, stream_script
+from fake_upstream import chunk, gzip_bytes, sse_answer, stream_script
 
 TOKENS = ["Hel", "lo", ", ", "wor", "ld", "!"]
 
@@ -473,6 +473,19 @@ def test_an_answer_is_whole_at_done_whatever_its_body_does_next(relay, relay_fac
         conn.sock.close()
 
     assert_whole(ask(relay_for(fmt, relay, relay_factory), fmt, upstream.script(script)), fmt, "abc")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_gzip_body_damaged_after_done_in_the_same_read_is_still_whole(relay, relay_factory, upstream, fmt):
+    """zlib drops a whole call's output on an error: the [DONE] decoded before the damage must not go with it."""
+    body = bytearray(gzip_bytes(b"".join(sse_answer(["a", "b"]))))
+    body[-8:-4] = bytes(byte ^ 0xFF for byte in body[-8:-4])  # the trailer's CRC, after every payload byte
+
+    def script(conn):
+        conn.start(headers=[("Content-Encoding", "gzip")])
+        conn.send_raw(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), bytes(body)))
+
+    assert_whole(ask(relay_for(fmt, relay, relay_factory), fmt, upstream.script(script)), fmt, "ab")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

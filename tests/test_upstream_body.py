@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import socket
 import ssl
@@ -25,6 +26,7 @@ from streaming import (
     UpstreamBody,
     UpstreamClient,
     _HTTPConnection,
+    _Inflater,
 )
 
 PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
@@ -98,6 +100,15 @@ def test_payload_before_bad_framing_in_the_same_read_comes_first_then_the_error(
     for _ in range(2):
         with pytest.raises(urllib3.exceptions.ProtocolError):
             decoder.feed(b"0\r\n\r\n")
+
+
+def test_gzip_damage_after_some_payload_returns_that_payload_first_then_the_error():
+    body = bytearray(gzip.compress(b"data: [DONE]\n\n" * 200))
+    body[-8] ^= 0xFF  # the trailer's CRC
+    inflater = _Inflater(16 + zlib.MAX_WBITS)
+    assert inflater.decompress(bytes(body), final=True) == b"data: [DONE]\n\n" * 200
+    with pytest.raises(zlib.error):
+        inflater.decompress(b"", final=True)
 
 
 def test_whitespace_before_a_chunk_extension_is_allowed():
