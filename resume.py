@@ -31,6 +31,9 @@ WRITE_RETRY_SECONDS = 1.0  # how long failed writes are sent again (their answer
 WRITE_RETRY_FIRST_PAUSE = 0.05  # doubling after each attempt
 WRITE_TIMEOUT_SECONDS = 1.0  # one write's wait for Redis (a Redis that stopped answering costs no more)
 DELETE_RETRY_PAUSE_SECONDS = 1.0  # between attempts to delete records while Redis refuses
+# A follower that cannot reach Redis this long ends with the lost-record error: its writer gave up on
+# the record after WRITE_RETRY_SECONDS of failed writes, so no more of the answer can come.
+FOLLOWER_OUTAGE_SECONDS = 5.0
 
 
 def new_stream_id() -> str:
@@ -62,6 +65,7 @@ class Chunk:
     last_seq: int
     ended: bool
     exists: bool
+    reachable: bool = True  # False: the store could not be read (Redis down); exists is then a guess
 
 
 class MemoryResumeStore:
@@ -383,8 +387,8 @@ class RedisResumeStore:
             reply = self._redis.xread({events: f"0-{after}"}, block=block)
         except redis.RedisError:
             log.warning("Redis unavailable while following a resumed answer")
-            gevent.sleep(wait)
-            return Chunk([], after, False, True)  # try again: the record may still be there
+            gevent.sleep(min(wait, 1.0))  # often enough to notice FOLLOWER_OUTAGE_SECONDS on time
+            return Chunk([], after, False, True, reachable=False)  # try again: the record may still be there
         entries = reply[0][1] if reply else []
         frames = [fields[b"f"] for _, fields in entries]
         ended = bool(ended) or (bool(entries) and b"end" in entries[-1][1])
@@ -513,11 +517,20 @@ def follow(
     Each read waits at most ``poll_seconds`` and marks the answer as followed, so the relay writing
     it keeps it going. Yields ``ping`` when nothing arrived for ``heartbeat`` seconds (which is
     also how a follower whose caller left finds out: the write fails), and ``lost_frame`` if the
-    record disappears before its end (the relay writing it died, or gave up on it).
+    record disappears before its end (the relay writing it died, or gave up on it) or the store
+    stays unreachable for FOLLOWER_OUTAGE_SECONDS.
     """
     quiet_since = time.monotonic()
+    unreachable_since = None
     while True:
         chunk = store.read(stream_id, after, poll_seconds)
+        if chunk.reachable:
+            unreachable_since = None
+        elif unreachable_since is None:
+            unreachable_since = time.monotonic()
+        elif time.monotonic() - unreachable_since >= FOLLOWER_OUTAGE_SECONDS:
+            yield lost_frame
+            return
         if chunk.frames:
             after = chunk.last_seq
             quiet_since = time.monotonic()

@@ -271,6 +271,28 @@ def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(ho
     assert exchange.closed_by_peer_at - failed_at < 3.0  # 1 s of retries, then the next watch tick
 
 
+def test_a_follower_that_cannot_reach_redis_ends_with_an_error_not_pings_forever(writer, relay_factory, link, redis_url, upstream):
+    """Its writer gives up on the record after a second of failed writes: no more of the answer can come."""
+    own_link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    follower_relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=f"redis://127.0.0.1:{own_link.port}/0")
+    try:
+        model = upstream.script(stream_script(sse_answer(TOKENS * 5), delay=0.1))  # 15 s of answer
+        stream_id, seen = cut_after_tokens(writer, model, tokens=2)
+        follower = resume(follower_relay, stream_id, seen[-1]["id"])
+        seen += follower.take(2)
+        link.cut()
+        own_link.cut()
+        cut_at = time.monotonic()
+        rest = follower.rest()
+        assert time.monotonic() - cut_at < resume_store.FOLLOWER_OUTAGE_SECONDS + 4
+        assert rest and rest[-1]["event"] == "error" and "done" not in [event["event"] for event in rest]
+        assert "".join(TOKENS * 5).startswith(text_of(seen + rest))
+    finally:
+        link.restore()
+        own_link.close()
+        follower_relay.stop()
+
+
 # --- the store itself, in this process (gevent without monkey-patching: redis-py's sockets block,
 # which is fine for one writer) ----------------------------------------------------------------------
 
