@@ -66,7 +66,8 @@ class Guards:
         if settings.allowed_origins:
             CORS(
                 app,
-                resources={r"/api/*": {}, r"/v1/*": {}},
+                # the client module too: a page on an allowed origin may import it from the relay
+                resources={r"/api/*": {}, r"/v1/*": {}, "/static/relay-client.js": {}},
                 origins=[_exactly(origin) for origin in settings.allowed_origins],
                 allow_headers="*",  # echoes what the preflight asks for: the npm SDK sends X-Stainless-*
                 # Retry-After is not one of the headers a cross-origin page may read unasked: a 429's

@@ -85,6 +85,14 @@ def test_cors_preflight_allows_the_configured_origin_and_the_sdk_headers(locked)
     assert "origin" in result.headers.get("vary", "").lower()
 
 
+def test_an_allowed_origin_may_import_the_client_module_from_the_relay(locked):
+    """A module script from another origin needs CORS, or the browser refuses to run it."""
+    result = locked.request("GET", "/static/relay-client.js", headers={"Origin": APP_ORIGIN})
+    assert result.status == 200 and result.headers["access-control-allow-origin"] == APP_ORIGIN
+    foreign = locked.request("GET", "/static/relay-client.js", headers={"Origin": "https://evil.example"})
+    assert foreign.status == 200 and "access-control-allow-origin" not in foreign.headers
+
+
 def test_an_allowed_origin_is_echoed_and_can_read_the_request_id_and_retry_after(locked, upstream):
     result = locked.stream(quick(upstream), headers={"Origin": APP_ORIGIN, **bearer("tok-alpha-123456")})
     assert result.status == 200
