@@ -46,7 +46,8 @@ export class RelayError extends Error {
  * answer fails part-way, or `signal.reason` (an `AbortError` by default) when `signal` aborts.
  * Aborting, or leaving the loop early (`break`, `return`, an exception), cancels the request, and
  * the relay then stops the upstream so no more tokens are paid for (for a resumable answer, which
- * the relay would otherwise keep going for a resume, this also sends `DELETE /api/streams/<id>`).
+ * the relay would otherwise keep going for a resume, this also sends `DELETE /api/streams/<id>`,
+ * as does the page being reloaded or closed mid-answer).
  *
  * Every request asks for a resumable answer. A relay with `RELAY_RESUME_SECONDS` set gives the
  * answer an id and numbers its events; if the connection then drops part-way (a network error, or
@@ -93,6 +94,16 @@ export async function* streamChatCompletion(params, {signal, baseUrl = "", token
   const relay = {baseUrl: baseUrl.replace(/\/+$/, ""), token, signal: request.signal};
   const position = {streamId: null, lastEventId: ""};
   let ended = false;  // the relay sent `done` or `error`: nothing is left to cancel
+  let cancelled = false;
+  const abandon = () => {
+    if (ended || cancelled || !position.streamId) return;
+    cancelled = true;
+    cancelAnswer(position.streamId, relay);
+  };
+  // A page that is reloaded or closed mid-answer runs no `finally`, and the answer's id goes with
+  // it: nobody could resume the answer, yet the relay would keep it (and its upstream, and the
+  // caller's stream slot) for RELAY_RESUME_SECONDS.
+  globalThis.addEventListener?.("pagehide", abandon);
   try {
     const response = await send(params, relay);
     if (!response.ok) throw await httpError(response, relay.signal);
@@ -104,8 +115,9 @@ export async function* streamChatCompletion(params, {signal, baseUrl = "", token
     }
   } finally {
     signal?.removeEventListener("abort", forwardAbort);
+    globalThis.removeEventListener?.("pagehide", abandon);
     request.abort();  // a no-op once the body is read; otherwise it hangs up on the relay
-    if (!ended && position.streamId) cancelAnswer(position.streamId, relay);
+    abandon();
   }
 }
 

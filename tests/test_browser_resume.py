@@ -210,6 +210,20 @@ def test_stop_on_a_resumable_answer_cancels_it_so_the_upstream_closes_at_once(pa
     assert len(cancel_requests(requests)) == 1 and not resume_requests(requests)
 
 
+def test_reloading_the_page_mid_answer_cancels_it_so_the_upstream_closes_at_once(page, resume_relay, upstream):
+    """The reloaded page has lost the answer's id: nobody can resume it, so it must not run on for 30 s."""
+    model = slow_endless_answer(upstream)
+    open_chat(page, resume_relay, model)
+    answer = ask(page, "Talk forever")
+    expect(answer.locator(".text")).to_contain_text("word word")
+    reloaded_at = time.monotonic()
+    page.reload()
+    assert_hung_up_soon(upstream, model, reloaded_at)
+    [asked] = resume_relay.wait_access_line("/api/stream_chat_completion", model=model)
+    [cancelled] = resume_relay.wait_access_line(f"/api/streams/{asked['stream_id']}", method="DELETE")
+    assert cancelled["status"] in (200, 204), cancelled
+
+
 def test_chat_page_answer_survives_a_dropped_connection(page, resume_relay, upstream, proxy_to):
     model = paced_answer(upstream)
     proxy = proxy_to(resume_relay)
