@@ -113,6 +113,15 @@ def slow_endless_answer(upstream) -> str:
     return upstream.script(stream_script(sse_answer(["word "] * 100), delay=0.1))
 
 
+def chat_page_mid_answer(page: Page, relay, upstream):
+    """The chat page, asked for a slow endless answer that has begun: (its model, its answer)."""
+    model = slow_endless_answer(upstream)
+    open_chat(page, relay, model)
+    answer = ask(page, "Talk forever")
+    expect(answer.locator(".text")).to_contain_text("word word")
+    return model, answer
+
+
 def failing_mid_answer(tokens: list[str]) -> list[bytes]:
     """Upstream events that start an answer, send ``tokens``, then an error event instead of the end."""
     return sse_answer(tokens, done=False)[:-1] + [b"data: " + json.dumps({"error": SERVER_ERROR}).encode() + b"\n\n"]
@@ -169,10 +178,7 @@ def test_follow_up_question_sends_the_whole_conversation(page, relay, upstream):
 
 
 def test_stop_button_aborts_the_answer_and_the_upstream_connection_closes(page, relay, upstream):
-    model = slow_endless_answer(upstream)
-    open_chat(page, relay, model)
-    answer = ask(page, "Talk forever")
-    expect(answer.locator(".text")).to_contain_text("word word")
+    model, answer = chat_page_mid_answer(page, relay, upstream)
     stopped_at = time.monotonic()
     page.click("#stop")
     expect(answer.locator(".note")).to_have_text("Stopped.")

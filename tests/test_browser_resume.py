@@ -22,6 +22,7 @@ from test_browser import (  # noqa: F401 (browser and page are fixtures)
     ask,
     assert_hung_up_soon,
     browser,
+    chat_page_mid_answer,
     open_chat,
     page,
     slow_endless_answer,
@@ -198,11 +199,8 @@ RECORD_RESUMING_NOTES = """() => {
 
 
 def test_stop_on_a_resumable_answer_cancels_it_so_the_upstream_closes_at_once(page, resume_relay, upstream):
-    model = slow_endless_answer(upstream)
-    open_chat(page, resume_relay, model)
-    requests = record_requests(page)
-    answer = ask(page, "Talk forever")
-    expect(answer.locator(".text")).to_contain_text("word word")
+    model, answer = chat_page_mid_answer(page, resume_relay, upstream)
+    requests = record_requests(page)  # from here on: the cancellation, and no resume
     stopped_at = time.monotonic()
     page.click("#stop")
     expect(answer.locator(".note")).to_have_text("Stopped.")
@@ -212,10 +210,7 @@ def test_stop_on_a_resumable_answer_cancels_it_so_the_upstream_closes_at_once(pa
 
 def test_reloading_the_page_mid_answer_cancels_it_so_the_upstream_closes_at_once(page, resume_relay, upstream):
     """The reloaded page has lost the answer's id: nobody can resume it, so it must not run on for 30 s."""
-    model = slow_endless_answer(upstream)
-    open_chat(page, resume_relay, model)
-    answer = ask(page, "Talk forever")
-    expect(answer.locator(".text")).to_contain_text("word word")
+    model, _ = chat_page_mid_answer(page, resume_relay, upstream)
     reloaded_at = time.monotonic()
     page.reload()
     assert_hung_up_soon(upstream, model, reloaded_at)
