@@ -23,7 +23,6 @@ from test_browser import (  # noqa: F401 (browser and page are fixtures)
     assert_hung_up_soon,
     browser,
     chat_page_mid_answer,
-    open_chat,
     page,
     slow_endless_answer,
     wait_answered,
