@@ -464,10 +464,25 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
         metrics.ACTIVE_STREAMS.dec()  # first: releasing a slot may wait on Redis, where a kill can land
         guards.release_stream(slot)
 
+    def retire_detached() -> None:
+        """The end of an answer that went on without its caller: its request's line is long written,
+        so what it did since (tokens paid for, a failure) is counted, and logged, now."""
+        try:
+            more = translator.completion_tokens - (fields.get("completion_tokens") or 0)
+            failure = stream.ended_with
+            ended, code = (failure.outcome, failure.code) if failure is not None else ("ok", None)
+            metrics.record_detached_end(more, ended, code)
+            log.info(
+                "answer %s ended after its caller left: outcome %s, error %s, completion_tokens %s",
+                fields.get("stream_id"), ended, code, translator.completion_tokens,
+            )  # fmt: skip
+        finally:
+            retire()
+
     def finish(outcome: str, resumable: bool = False) -> None:
         # A resumable answer whose caller left goes on (recorded): it keeps its slot, and counts as
         # open, until it ends.
-        kept_going = resumable and outcome == "client_disconnect" and stream.detach(retire)
+        kept_going = resumable and outcome == "client_disconnect" and stream.detach(retire_detached)
         if not kept_going:
             try:
                 stream.close()

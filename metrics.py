@@ -38,6 +38,14 @@ for _kind in ("upstream_error", "upstream_timeout", "upstream_auth_failed", "ups
     UPSTREAM_ERRORS.labels(_kind)
 
 
+def record_detached_end(more_tokens: int, outcome: str, error: str | None) -> None:
+    """Count what a resumable answer did after its caller left (its request was counted then)."""
+    if more_tokens > 0:
+        TOKENS.inc(more_tokens)
+    if outcome in ("upstream_error", "timeout") and error:
+        UPSTREAM_ERRORS.labels(error).inc()
+
+
 def record_request(fields: dict) -> None:
     """Count one finished request from its access-log fields."""
     REQUESTS.labels(fields["endpoint"], str(fields["status"])).inc()

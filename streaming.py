@@ -1314,6 +1314,7 @@ class ResumableStream(_Answer):
         self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False
         self._on_retired: Callable[[], None] | None = None
+        self.ended_with: RelayError | None = None  # the reader's failure, once it has ended with one
         self._reader = gevent.spawn(self._read, open_upstream)
 
     @property
@@ -1389,6 +1390,7 @@ class ResumableStream(_Answer):
         if error is not None:
             error = _without_traceback(error)  # it waits in the queue, perhaps for a caller long gone
             tail = self.translator.error(error)
+        self.ended_with = error  # what a detached answer's accounting reads: nobody takes the queue
         _unstoppable(lambda: self._record(end=True))  # a stop landing now is too late: this is the end
         if error is None:
             if tail:

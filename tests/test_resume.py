@@ -390,3 +390,26 @@ def test_resuming_and_cancelling_do_not_spend_the_rate_limit(relay_factory, upst
     assert relay.request("DELETE", f"/api/streams/{stream_id}").status == 204
     assert relay.stream(paced(upstream, delay=0, tokens=["y"])).status == 200  # the second of two
     assert relay.stream(paced(upstream, delay=0, tokens=["z"])).status == 429
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["runs-to-its-end", "fails-after-the-caller-left"])
+def test_what_an_answer_does_after_its_caller_left_is_counted_and_logged(relay_factory, upstream, fails):
+    """Its request's line was written when the caller left; the tokens paid for since, or its failure, count too."""
+    from test_guards import metric
+
+    relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30")
+    events = sse_answer(TOKENS, usage={"prompt_tokens": 5, "completion_tokens": 30, "total_tokens": 35})
+    if fails:
+        events = events[:20] + [b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n']
+    model = upstream.script(stream_script(events, delay=0.03))
+    stream_id, _ = cut_after_tokens(relay, model, tokens=3)
+    assert upstream.wait_seen(model)[0].finished.wait(5)
+    expected = f"answer {stream_id} ended after its caller left: outcome " + ("upstream_error" if fails else "ok")
+    deadline = time.monotonic() + 5
+    while expected not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert expected in relay.log()
+    metrics = relay.request("GET", "/metrics").text
+    assert metric(metrics, "relay_tokens_total") == (19 if fails else 30)  # counted when there is no usage
+    assert metric(metrics, "relay_upstream_errors_total", kind="upstream_error") == (1 if fails else 0)
+    relay.stop()
