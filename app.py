@@ -584,14 +584,34 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
         poll_seconds=poll_seconds, heartbeat=settings.heartbeat_seconds, lost_frame=sse_error_frame(lost), ping=PING,
     )  # fmt: skip
 
+    fields = g.log
+
     def body():
+        fields["outcome"] = "client_disconnect"  # unless the replay runs to the answer's end
+        last = b""
         for part in events:
             if shutting_down():  # the answer goes on elsewhere: hang up so the caller resumes there
                 _abort_connection(client_socket)
+                fields.update(outcome="timeout", error="shutting_down")  # as a stream cut by the stop is
                 return
             yield part
+            last = part if part != PING else last
+        fields["outcome"], fields["error"] = _how_the_replay_ended(last)
 
     return Response(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
+
+
+def _how_the_replay_ended(last: bytes) -> tuple[str, str | None]:
+    """A resume's outcome and error code, from the last event it replayed: `done`, or an `error`."""
+    final = last.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    if not final.startswith(b"event: error\n") and b"\nevent: error\n" not in final:
+        return "ok", None
+    try:
+        code = orjson.loads(final.rsplit(b"data: ", 1)[-1])["error"]["code"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        code = None
+    code = code if isinstance(code, str) else None
+    return ("timeout" if code in ("upstream_timeout", "shutting_down") else "upstream_error"), code
 
 
 def _follower_poll_seconds(settings: Settings) -> float:

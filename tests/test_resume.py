@@ -413,3 +413,26 @@ def test_what_an_answer_does_after_its_caller_left_is_counted_and_logged(relay_f
     assert metric(metrics, "relay_tokens_total") == (19 if fails else 30)  # counted when there is no usage
     assert metric(metrics, "relay_upstream_errors_total", kind="upstream_error") == (1 if fails else 0)
     relay.stop()
+
+
+def test_a_resumes_log_line_says_how_it_ended(relay_factory, upstream):
+    relay = relay_factory(RELAY_RESUME_SECONDS="30")
+
+    def resumed_line(stream_id: str) -> dict:
+        [line] = relay.wait_access_line(f"/api/streams/{stream_id}", method="GET")
+        return line
+
+    stream_id, seen = cut_after_tokens(relay, paced(upstream, delay=0.01), tokens=2)
+    assert resume(relay, stream_id, seen[-1]["id"]).rest()[-1]["event"] == "done"
+    assert (resumed_line(stream_id)["outcome"], resumed_line(stream_id)["error"]) == ("ok", None)
+
+    failing = sse_answer(TOKENS[:5], done=False)[:6] + [b'data: {"error": {"message": "overloaded"}}\n\n']
+    stream_id, seen = cut_after_tokens(relay, upstream.script(stream_script(failing, delay=0.01)), tokens=2)
+    assert resume(relay, stream_id, seen[-1]["id"]).rest()[-1]["event"] == "error"
+    assert (resumed_line(stream_id)["outcome"], resumed_line(stream_id)["error"]) == ("upstream_error", "upstream_error")
+
+    stream_id, seen = cut_after_tokens(relay, paced(upstream, delay=0.2), tokens=2)
+    follower = resume(relay, stream_id, seen[-1]["id"])
+    follower.take(1)
+    follower.hang_up()
+    assert resumed_line(stream_id)["outcome"] == "client_disconnect"
