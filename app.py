@@ -31,7 +31,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import metrics
 from errors import RelayError
-from guards import GUARDED_PREFIXES, Guards, is_guarded
+from guards import GUARDED_PREFIXES, RESUME_PREFIX, Guards, is_guarded
 from resume import (
     STREAM_ID,
     MemoryResumeStore,
@@ -143,8 +143,8 @@ def _register(app: Flask, settings: Settings) -> None:
     @app.after_request
     def finish_request_log(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
-        if request.path.startswith(GUARDED_PREFIXES):
-            response.vary.add("Origin")  # the origin check makes every guarded answer depend on it
+        if request.path.startswith(GUARDED_PREFIXES) or request.path == "/static/relay-client.js":
+            response.vary.add("Origin")  # the origin check, or CORS, makes the answer depend on it
         fields = g.log
         fields.update(request_id=g.request_id, method=request.method, path=request.path, status=response.status_code)
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
@@ -470,7 +470,10 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
         try:
             more = translator.completion_tokens - (fields.get("completion_tokens") or 0)
             failure = stream.ended_with
-            ended, code = (failure.outcome, failure.code) if failure is not None else ("ok", None)
+            if not stream.ended:  # stopped: cancelled, or nobody resumed it in time
+                ended, code = "client_disconnect", None
+            else:
+                ended, code = (failure.outcome, failure.code) if failure is not None else ("ok", None)
             metrics.record_detached_end(more, ended, code)
             log.info(
                 "answer %s ended after its caller left: outcome %s, error %s, completion_tokens %s",
@@ -589,13 +592,18 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
     def body():
         fields["outcome"] = "client_disconnect"  # unless the replay runs to the answer's end
         last = b""
-        for part in events:
-            if shutting_down():  # the answer goes on elsewhere: hang up so the caller resumes there
-                _abort_connection(client_socket)
-                fields.update(outcome="timeout", error="shutting_down")  # as a stream cut by the stop is
-                return
-            yield part
-            last = part if part != PING else last
+        try:
+            for part in events:
+                if shutting_down():  # the answer goes on elsewhere: hang up so the caller resumes there
+                    _abort_connection(client_socket)
+                    fields.update(outcome="timeout", error="shutting_down")  # as a stream cut by the stop is
+                    return
+                yield part
+                last = part if part != PING else last
+        except StoreUnavailable:  # Redis stayed unreachable from here: hang up so the caller resumes elsewhere
+            _abort_connection(client_socket)
+            fields.update(outcome="upstream_error", error="resume_unavailable")
+            return
         fields["outcome"], fields["error"] = _how_the_replay_ended(last)
 
     return Response(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
@@ -606,8 +614,9 @@ def _how_the_replay_ended(last: bytes) -> tuple[str, str | None]:
     final = last.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
     if not final.startswith(b"event: error\n") and b"\nevent: error\n" not in final:
         return "ok", None
+    data = next((line[6:] for line in final.split(b"\n") if line.startswith(b"data: ")), b"")
     try:
-        code = orjson.loads(final.rsplit(b"data: ", 1)[-1])["error"]["code"]
+        code = orjson.loads(data)["error"]["code"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         code = None
     code = code if isinstance(code, str) else None
@@ -668,7 +677,8 @@ def _request_finished(fields: dict, started: float, endpoint: str) -> None:
     """The one place a finished request is accounted for: its JSON log line and its metrics."""
     record = {"ts": round(time.time(), 3), **fields, "duration_s": round(time.monotonic() - started, 4)}
     access_log.info(orjson.dumps(record).decode())
-    metrics.record_request({**record, "endpoint": endpoint})
+    # a resume replays its answer's failure, which was counted where it happened
+    metrics.record_request({**record, "endpoint": endpoint}, upstream_errors=not endpoint.startswith(RESUME_PREFIX))
 
 
 if __name__ == "__main__":

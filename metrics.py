@@ -46,14 +46,15 @@ def record_detached_end(more_tokens: int, outcome: str, error: str | None) -> No
         UPSTREAM_ERRORS.labels(error).inc()
 
 
-def record_request(fields: dict) -> None:
-    """Count one finished request from its access-log fields."""
+def record_request(fields: dict, upstream_errors: bool = True) -> None:
+    """Count one finished request from its access-log fields (its failure as an upstream error, unless
+    ``upstream_errors`` is False: a replay of one counted already)."""
     REQUESTS.labels(fields["endpoint"], str(fields["status"])).inc()
     if fields.get("ttft_s") is not None:
         TIME_TO_FIRST_TOKEN.observe(fields["ttft_s"])
     if fields.get("completion_tokens"):
         TOKENS.inc(fields["completion_tokens"])
-    if fields["outcome"] in ("upstream_error", "timeout") and fields.get("error"):
+    if upstream_errors and fields["outcome"] in ("upstream_error", "timeout") and fields.get("error"):
         UPSTREAM_ERRORS.labels(fields["error"]).inc()
     if fields["outcome"] == "client_disconnect":
         CLIENT_DISCONNECTS.inc()

@@ -31,8 +31,9 @@ WRITE_RETRY_SECONDS = 1.0  # how long failed writes are sent again (their answer
 WRITE_RETRY_FIRST_PAUSE = 0.05  # doubling after each attempt
 WRITE_TIMEOUT_SECONDS = 1.0  # one write's wait for Redis (a Redis that stopped answering costs no more)
 DELETE_RETRY_PAUSE_SECONDS = 1.0  # between attempts to delete records while Redis refuses
-# A follower that cannot reach Redis this long ends with the lost-record error: its writer gave up on
-# the record after WRITE_RETRY_SECONDS of failed writes, so no more of the answer can come.
+# A follower whose reads of Redis keep failing this long is hung up on, so that its client resumes
+# where Redis can be reached (a writer that cannot reach it gives up on the record after
+# WRITE_RETRY_SECONDS, and the resume then gets 404 or 503).
 FOLLOWER_OUTAGE_SECONDS = 5.0
 
 
@@ -517,8 +518,8 @@ def follow(
     Each read waits at most ``poll_seconds`` and marks the answer as followed, so the relay writing
     it keeps it going. Yields ``ping`` when nothing arrived for ``heartbeat`` seconds (which is
     also how a follower whose caller left finds out: the write fails), and ``lost_frame`` if the
-    record disappears before its end (the relay writing it died, or gave up on it) or the store
-    stays unreachable for FOLLOWER_OUTAGE_SECONDS.
+    record disappears before its end (the relay writing it died, or gave up on it). Raises
+    StoreUnavailable when the store's reads keep failing for FOLLOWER_OUTAGE_SECONDS.
     """
     quiet_since = time.monotonic()
     unreachable_since = None
@@ -529,8 +530,7 @@ def follow(
         elif unreachable_since is None:
             unreachable_since = time.monotonic()
         elif time.monotonic() - unreachable_since >= FOLLOWER_OUTAGE_SECONDS:
-            yield lost_frame
-            return
+            raise StoreUnavailable()  # the answer may go on where the store is reachable: hang up, not fail
         if chunk.frames:
             after = chunk.last_seq
             quiet_since = time.monotonic()

@@ -1314,6 +1314,7 @@ class ResumableStream(_Answer):
         self._detached_at: float | None = None  # when a resumable answer's caller left (wall clock)
         self._checking_followers = False
         self._on_retired: Callable[[], None] | None = None
+        self.ended = False  # the reader came to the answer's end (False also when it was stopped)
         self.ended_with: RelayError | None = None  # the reader's failure, once it has ended with one
         self._reader = gevent.spawn(self._read, open_upstream)
 
@@ -1390,7 +1391,7 @@ class ResumableStream(_Answer):
         if error is not None:
             error = _without_traceback(error)  # it waits in the queue, perhaps for a caller long gone
             tail = self.translator.error(error)
-        self.ended_with = error  # what a detached answer's accounting reads: nobody takes the queue
+        self.ended, self.ended_with = True, error  # what a detached answer's accounting reads: nobody takes the queue
         _unstoppable(lambda: self._record(end=True))  # a stop landing now is too late: this is the end
         if error is None:
             if tail:
@@ -1528,6 +1529,8 @@ class ResumableStream(_Answer):
         if recording is None or recording.lost or self._reader.dead:
             return False
         if self._unreachable_once_stopped(recording.status()[0]):
+            return False
+        if self._reader.dead:  # it ended while status() waited on Redis: its end saw no detached answer
             return False
         self._on_retired = on_retired
         self._detached_at = time.time()  # wall clock, as followers' reads are (they may be on other machines)

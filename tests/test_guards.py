@@ -91,6 +91,8 @@ def test_an_allowed_origin_may_import_the_client_module_from_the_relay(locked):
     assert result.status == 200 and result.headers["access-control-allow-origin"] == APP_ORIGIN
     foreign = locked.request("GET", "/static/relay-client.js", headers={"Origin": "https://evil.example"})
     assert foreign.status == 200 and "access-control-allow-origin" not in foreign.headers
+    plain = locked.request("GET", "/static/relay-client.js")
+    assert "origin" in plain.headers.get("vary", "").lower(), "a shared cache would serve this copy to every origin"
 
 
 def test_an_allowed_origin_is_echoed_and_can_read_the_request_id_and_retry_after(locked, upstream):

@@ -409,9 +409,24 @@ def test_what_an_answer_does_after_its_caller_left_is_counted_and_logged(relay_f
     while expected not in relay.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert expected in relay.log()
+    for _ in range(2):  # replaying the failure is no new failure
+        assert resume(relay, stream_id, f"{stream_id}:0").rest()[-1]["event"] == ("error" if fails else "done")
+    time.sleep(0.3)  # the resumes' lines are written as their responses close
     metrics = relay.request("GET", "/metrics").text
     assert metric(metrics, "relay_tokens_total") == (19 if fails else 30)  # counted when there is no usage
     assert metric(metrics, "relay_upstream_errors_total", kind="upstream_error") == (1 if fails else 0)
+    relay.stop()
+
+
+def test_a_cancelled_answer_whose_caller_left_is_logged_as_a_disconnect(relay_factory, upstream):
+    relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30")
+    stream_id, _ = cut_after_tokens(relay, paced(upstream, delay=0.2), tokens=2)
+    assert relay.request("DELETE", f"/api/streams/{stream_id}").status == 204
+    expected = f"answer {stream_id} ended after its caller left: outcome client_disconnect"
+    deadline = time.monotonic() + 5
+    while expected not in relay.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert expected in relay.log(), relay.log()[-2000:]
     relay.stop()
 
 
@@ -426,7 +441,7 @@ def test_a_resumes_log_line_says_how_it_ended(relay_factory, upstream):
     assert resume(relay, stream_id, seen[-1]["id"]).rest()[-1]["event"] == "done"
     assert (resumed_line(stream_id)["outcome"], resumed_line(stream_id)["error"]) == ("ok", None)
 
-    failing = sse_answer(TOKENS[:5], done=False)[:6] + [b'data: {"error": {"message": "overloaded"}}\n\n']
+    failing = sse_answer(TOKENS[:5], done=False)[:6] + [b'data: {"error": {"message": "overloaded; data: none"}}\n\n']
     stream_id, seen = cut_after_tokens(relay, upstream.script(stream_script(failing, delay=0.01)), tokens=2)
     assert resume(relay, stream_id, seen[-1]["id"]).rest()[-1]["event"] == "error"
     assert (resumed_line(stream_id)["outcome"], resumed_line(stream_id)["error"]) == ("upstream_error", "upstream_error")

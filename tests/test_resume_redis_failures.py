@@ -10,6 +10,7 @@ a loopback TCP link the test can cut or silence; the reading relay talks to Redi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import select
 import socket
@@ -271,8 +272,8 @@ def test_a_left_answer_redis_cannot_record_ends_its_follower_and_its_upstream(ho
     assert exchange.closed_by_peer_at - failed_at < 3.0  # 1 s of retries, then the next watch tick
 
 
-def test_a_follower_that_cannot_reach_redis_ends_with_an_error_not_pings_forever(writer, relay_factory, link, redis_url, upstream):
-    """Its writer gives up on the record after a second of failed writes: no more of the answer can come."""
+def test_a_follower_that_cannot_reach_redis_is_hung_up_on_not_pinged_forever(writer, relay_factory, link, redis_url, upstream):
+    """Hung up on, so that its client resumes where Redis can be reached (the audit saw 177 s of pings)."""
     own_link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     follower_relay = relay_factory(fresh=True, RELAY_RESUME_SECONDS="30", REDIS_URL=f"redis://127.0.0.1:{own_link.port}/0")
     try:
@@ -283,10 +284,17 @@ def test_a_follower_that_cannot_reach_redis_ends_with_an_error_not_pings_forever
         link.cut()
         own_link.cut()
         cut_at = time.monotonic()
-        rest = follower.rest()
+        rest, hung_up = [], False
+        try:
+            while (event := follower.next()) is not None:
+                rest.append(event)
+        except (http.client.HTTPException, OSError):
+            hung_up = True  # the body ended without its last chunk: a cut, which the client resumes from
         assert time.monotonic() - cut_at < resume_store.FOLLOWER_OUTAGE_SECONDS + 4
-        assert rest and rest[-1]["event"] == "error" and "done" not in [event["event"] for event in rest]
+        assert hung_up and all(event["event"] == "message" for event in rest), rest
         assert "".join(TOKENS * 5).startswith(text_of(seen + rest))
+        [line] = follower_relay.wait_access_line(f"/api/streams/{stream_id}")
+        assert (line["outcome"], line["error"]) == ("upstream_error", "resume_unavailable")
     finally:
         link.restore()
         own_link.close()
