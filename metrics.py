@@ -42,8 +42,7 @@ def record_detached_end(more_tokens: int, outcome: str, error: str | None) -> No
     """Count what a resumable answer did after its caller left (its request was counted then)."""
     if more_tokens > 0:
         TOKENS.inc(more_tokens)
-    if outcome in ("upstream_error", "timeout") and error:
-        UPSTREAM_ERRORS.labels(error).inc()
+    _count_upstream_error(outcome, error)
 
 
 def record_request(fields: dict, upstream_errors: bool = True) -> None:
@@ -54,10 +53,15 @@ def record_request(fields: dict, upstream_errors: bool = True) -> None:
         TIME_TO_FIRST_TOKEN.observe(fields["ttft_s"])
     if fields.get("completion_tokens"):
         TOKENS.inc(fields["completion_tokens"])
-    if upstream_errors and fields["outcome"] in ("upstream_error", "timeout") and fields.get("error"):
-        UPSTREAM_ERRORS.labels(fields["error"]).inc()
+    if upstream_errors:
+        _count_upstream_error(fields["outcome"], fields.get("error"))
     if fields["outcome"] == "client_disconnect":
         CLIENT_DISCONNECTS.inc()
+
+
+def _count_upstream_error(outcome: str, error: str | None) -> None:
+    if outcome in ("upstream_error", "timeout") and error:
+        UPSTREAM_ERRORS.labels(error).inc()
 
 
 def render(multiprocess_dir: str | None) -> bytes:

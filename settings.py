@@ -176,7 +176,9 @@ class _Env:
     def host(self, name: str, default: str) -> str:
         value = self.text(name) or default
         if not _is_host(value):
-            raise SettingsError(f"{name}={value!r}: expected an IP address or host name to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+            raise SettingsError(
+                f"{name}={value!r}: expected an IP address or host name to listen on, e.g. 127.0.0.1 or 0.0.0.0"
+            )
         return value
 
     def writable_dir(self, name: str) -> str | None:

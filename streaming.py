@@ -648,7 +648,9 @@ def _transport_error(exc: Exception) -> RelayError:
         return RelayError(504, "upstream_timeout", "The upstream did not answer in time.", outcome="timeout")
     if _never_reached(exc):
         return RelayError(502, "upstream_error", "Could not reach the upstream.", outcome="upstream_error")
-    return RelayError(502, "upstream_error", "The upstream connection failed before its answer began.", outcome="upstream_error")
+    return RelayError(
+        502, "upstream_error", "The upstream connection failed before its answer began.", outcome="upstream_error"
+    )
 
 
 def _never_reached(exc: Exception) -> bool:
@@ -1391,7 +1393,7 @@ class ResumableStream(_Answer):
         if error is not None:
             error = _without_traceback(error)  # it waits in the queue, perhaps for a caller long gone
             tail = self.translator.error(error)
-        self.ended, self.ended_with = True, error  # what a detached answer's accounting reads: nobody takes the queue
+        self.ended, self.ended_with = True, error  # for a detached answer's accounting: nobody reads the queue
         _unstoppable(lambda: self._record(end=True))  # a stop landing now is too late: this is the end
         if error is None:
             if tail:
