@@ -5,11 +5,14 @@ from __future__ import annotations
 import gc
 import gzip
 import json
+import subprocess
+import sys
 import socket
 import ssl
 import time
 import weakref
 import zlib
+from pathlib import Path
 
 import gevent
 import pytest
@@ -271,3 +274,48 @@ def test_a_finished_stream_goes_without_waiting_for_the_garbage_collector(upstre
     stream_gone = weakref.ref(stream)
     del stream
     assert stream_gone() is None and opened[0]() is None, "held by a reference cycle"
+
+
+# Run under gevent's patching, as in a worker: the pytest process itself is not patched.
+_CONNECT_UNDER_GEVENT = r"""
+from gevent import monkey; monkey.patch_all()
+import json, socket, sys
+import gevent
+sys.path.insert(0, sys.argv[1])
+from streaming import _HTTPConnection
+
+listener = socket.socket(socket.AF_INET)
+listener.bind(("127.0.0.1", 0))
+listener.listen(8)
+closed = socket.socket(socket.AF_INET)
+closed.bind(("127.0.0.1", 0))
+closed_port = closed.getsockname()[1]
+closed.close()
+results = {}
+for name, host, port in [("ip", "127.0.0.1", listener.getsockname()[1]), ("name", "localhost", listener.getsockname()[1]),
+                         ("refused", "127.0.0.1", closed_port)]:
+    turns = []
+    gevent.spawn(turns.append, "the loop ran")  # runs only if connecting waits for gevent's loop
+    connection = _HTTPConnection(host, port, timeout=5)
+    try:
+        connection.connect()
+        results[name] = {"peer": connection.sock.getpeername()[1], "waited": bool(turns)}
+        connection.close()
+    except Exception as exc:
+        results[name] = {"error": type(exc).__name__, "message": str(exc)}
+    gevent.sleep(0)
+print(json.dumps(results))
+"""
+
+
+def test_a_connection_to_an_ip_the_kernel_connects_at_once_does_not_wait_for_the_loop():
+    """In a burst, a connect that waits for gevent's loop waits for every other ready request's set-up."""
+    root = str(Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, "-c", _CONNECT_UNDER_GEVENT, root], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    port = results["ip"]["peer"]
+    assert results["ip"] == {"peer": port, "waited": False}
+    assert results["name"]["peer"] == port, "a name is resolved (and waited for) as urllib3 does"
+    assert results["refused"]["error"] == "NewConnectionError", results["refused"]
+    assert "Connection refused" in results["refused"]["message"]
