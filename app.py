@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -109,7 +110,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.resume_seconds:
         live_seconds = settings.read_timeout + 10  # a record nobody appends to for longer lost its writer
         relay.resume_store = (
-            RedisResumeStore(settings.redis_url, settings.resume_seconds, live_seconds)
+            RedisResumeStore(settings.redis_url, settings.resume_seconds, live_seconds, settings.worker_connections)
             if settings.redis_url
             else MemoryResumeStore(settings.resume_seconds, live_seconds)
         )
@@ -393,7 +394,7 @@ def _check_max_tokens(body: dict, settings: Settings) -> None:
 
 
 def _check_n(body: dict) -> None:
-    if "n" in body and (body["n"] != 1 or isinstance(body["n"], bool)):
+    if "n" in body and (type(body["n"]) is not int or body["n"] != 1):  # not true, not 1.0
         raise _invalid("n", "'n' may only be 1: the relay streams one answer.")
 
 
@@ -443,7 +444,7 @@ def _passthrough_request(body: dict, settings: Settings) -> dict:
 def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRecording | None = None) -> Response:
     """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
     settings, guards, fields = relay.settings, relay.guards, g.log
-    client_socket = request.environ.get("gunicorn.socket")
+    abort_connection = _connection_aborter()
     client_gone = _caller_gone_check()
     try:
         slot = guards.acquire_stream(fields["caller"], client_gone)
@@ -513,7 +514,7 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
             outcome = stream.outcome
         except (RelayError, ClientGone):
             outcome = stream.outcome
-            _abort_connection(client_socket)
+            abort_connection()
         finally:
             finish(outcome, resumable=True)
 
@@ -580,7 +581,7 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
             param="Last-Event-ID",
         )  # fmt: skip
     lost = RelayError(502, "upstream_error", "The answer's record ended before the answer did; ask again.", outcome="upstream_error")
-    client_socket = request.environ.get("gunicorn.socket")
+    abort_connection = _connection_aborter()
     poll_seconds = _follower_poll_seconds(settings)
     events = follow(
         store, stream_id, after,
@@ -595,13 +596,13 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
         try:
             for part in events:
                 if shutting_down():  # the answer goes on elsewhere: hang up so the caller resumes there
-                    _abort_connection(client_socket)
+                    abort_connection()
                     fields.update(outcome="timeout", error="shutting_down")  # as a stream cut by the stop is
                     return
                 yield part
                 last = part if part != PING else last
         except StoreUnavailable:  # Redis stayed unreachable from here: hang up so the caller resumes elsewhere
-            _abort_connection(client_socket)
+            abort_connection()
             fields.update(outcome="upstream_error", error="resume_unavailable")
             return
         fields["outcome"], fields["error"] = _how_the_replay_ended(last)
@@ -629,14 +630,28 @@ def _follower_poll_seconds(settings: Settings) -> float:
     return min(settings.heartbeat_seconds, settings.resume_seconds / 3)
 
 
-def _abort_connection(client_socket) -> None:
-    """End the response without its final chunk, so the caller's reader fails instead of finishing."""
-    if client_socket is None:
-        return
-    try:
-        client_socket.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+def _connection_aborter() -> Callable[[], None]:
+    """How to end this request's response so that the caller's reader fails instead of finishing.
+
+    A chunked body (HTTP/1.1) ends without its final chunk. A body that is not chunked (an HTTP/1.0
+    caller) has no end of its own but the connection's, so a plain close would look like the whole
+    answer: the connection is reset instead, and what the caller had not yet received is lost with it.
+    """
+    client_socket = request.environ.get("gunicorn.socket")
+    if client_socket is None:  # the development server
+        return lambda: None
+    chunked = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
+
+    def abort_connection() -> None:
+        try:
+            if chunked:
+                client_socket.shutdown(socket.SHUT_RDWR)
+            else:  # gunicorn closes the connection after this response, with the reset SO_LINGER 0 makes
+                client_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+    return abort_connection
 
 
 # --- logging -----------------------------------------------------------------------------------

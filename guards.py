@@ -83,13 +83,16 @@ class Guards:
             # a resume or cancel calls no upstream: a flaky network must not spend the caller's budget
             application_limits_exempt_when=lambda: not is_guarded() or request.path.startswith(RESUME_PREFIX),
             storage_uri=_limits_storage_uri(settings.redis_url),
+            # as many Redis connections as streams may check at once (redis-py's default of 100 refused
+            # the 101st, which the limiter took for Redis down: a burst went unlimited)
+            storage_options={"max_connections": settings.worker_connections} if settings.redis_url else {},
             strategy="moving-window",
             swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
             key_prefix="chat-relay",
             enabled=bool(settings.rate_limit),  # no limit set: no per-request check at all
         )
         self.stream_slots = (
-            RedisStreamSlots(settings.redis_url) if settings.redis_url else MemoryStreamSlots()
+            RedisStreamSlots(settings.redis_url, settings.worker_connections) if settings.redis_url else MemoryStreamSlots()
         ) if settings.max_streams_per_caller else None  # fmt: skip
 
     def check(self) -> None:
@@ -216,20 +219,28 @@ class RedisStreamSlots:
     is not enforced, as the rate limit is not: an outage must not refuse every stream as the caller's.
     """
 
-    def __init__(self, url: str):
-        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    def __init__(self, url: str, max_connections: int = 100):
+        # as many connections as streams may claim at once: redis-py refuses the one past its pool's
+        # size, which would read as Redis down and let a burst through uncapped
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=2, socket_connect_timeout=2, max_connections=max_connections
+        )
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._held: dict[str, tuple[str, str]] = {}
         self._renewer = None
 
-    def acquire(self, caller: str, cap: int) -> str | None:
-        """A slot to ``release`` later, or None when Redis is unreachable (nothing held); raises CapReached."""
+    def acquire(self, caller: str, cap: int) -> str:
+        """A slot to ``release`` later; raises CapReached.
+
+        With Redis unreachable the slot is granted unclaimed, and claimed by the next renewal that
+        reaches Redis, so that it counts against the caller's cap once Redis is back.
+        """
         key, member, now = f"chat-relay:streams:{caller}", uuid.uuid4().hex, time.time()
         try:
             claimed = self._acquire(keys=[key], args=[now, cap, now + STREAM_SLOT_SECONDS, member, STREAM_SLOT_SECONDS * 2])
         except redis.RedisError:
             log.warning("Redis unavailable: stream cap not enforced for this request")
-            return None
+            claimed = True
         if not claimed:
             raise CapReached
         self._held[member] = (key, member)
@@ -251,14 +262,24 @@ class RedisStreamSlots:
             self.renew()
 
     def renew(self) -> None:
-        """Extend this process's claims, and their sets' expiry: else a set vanishes under long streams."""
-        expires = time.time() + STREAM_SLOT_SECONDS
+        """Extend this process's claims, and their sets' expiry: else a set vanishes under long streams.
+
+        A claim Redis lacks is made again: one granted while Redis was unreachable, or lost with a
+        Redis that restarted empty. (This may put a stream over its caller's cap until it ends: the
+        cap counts the streams that are open, and those are.)
+        """
+        expires, held = time.time() + STREAM_SLOT_SECONDS, list(self._held.values())
         try:
             with self._redis.pipeline(transaction=False) as pipe:
-                for key, member in list(self._held.values()):
-                    pipe.zadd(key, {member: expires}, xx=True)
+                for key, member in held:
+                    pipe.zadd(key, {member: expires})
                     pipe.expire(key, STREAM_SLOT_SECONDS * 2)
                 pipe.execute()
+                released = [(key, member) for key, member in held if member not in self._held]
+                if released:  # released while the renewal was on its way: its claim must not come back
+                    for key, member in released:
+                        pipe.zrem(key, member)
+                    pipe.execute()
         except redis.RedisError:
             log.warning("Redis unavailable: could not renew stream slots")
 

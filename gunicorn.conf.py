@@ -333,7 +333,11 @@ def _raise_file_limit(server):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             server.log.warning("could not raise the open-file limit above %s", soft)
-    needed = 2 * _settings.worker_connections + 64  # per worker process: caller and upstream sockets
+    # per worker process: caller and upstream sockets, and at the busiest moment as many Redis
+    # connections in each pool the settings use (rate limit, cap, an answer's record: reads and writes)
+    redis_pools = (bool(_settings.rate_limit) + bool(_settings.max_streams_per_caller) + 2 * bool(_settings.resume_seconds)
+                   if _settings.redis_url else 0)  # fmt: skip
+    needed = (2 + redis_pools) * _settings.worker_connections + 64
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft != resource.RLIM_INFINITY and soft < needed:
         server.log.warning(

@@ -180,11 +180,21 @@ class RedisResumeStore:
 
     outlives_the_worker = True
 
-    def __init__(self, url: str, linger_seconds: float, live_seconds: float):
-        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_BLOCK_SECONDS + 5, socket_connect_timeout=2)
+    def __init__(self, url: str, linger_seconds: float, live_seconds: float, max_connections: int = 100):
+        # Each pool holds as many connections as streams may use at once (a follower holds one for
+        # its blocking read): redis-py refuses the one past the pool's size, which would read as
+        # Redis down.
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=REDIS_BLOCK_SECONDS + 5, socket_connect_timeout=2, max_connections=max_connections
+        )
         # Writes have their own connections, with a short timeout: a write can be sent again safely,
         # and an answer's caller waits for it (followers' blocking reads need the long one).
-        self._writer = redis.Redis.from_url(url, socket_timeout=WRITE_TIMEOUT_SECONDS, socket_connect_timeout=WRITE_TIMEOUT_SECONDS)
+        self._writer = redis.Redis.from_url(
+            url,
+            socket_timeout=WRITE_TIMEOUT_SECONDS,
+            socket_connect_timeout=WRITE_TIMEOUT_SECONDS,
+            max_connections=max_connections,
+        )
         self._linger = max(1, round(linger_seconds))
         self._live = max(1, round(live_seconds))
         self._seqs: dict[str, int] = {}  # the next sequence number of each answer this process writes

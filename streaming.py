@@ -213,9 +213,22 @@ def _parse_chunk(data: bytes) -> dict:
         raise _malformed("an event's data is not JSON") from None
     if not isinstance(chunk, dict):
         raise _malformed("an event's data is not a JSON object")
-    if "error" in chunk:
+    if chunk.get("error"):  # servers that write every field send "error": null on good chunks
         raise _upstream_event_error(chunk["error"])
     return chunk
+
+
+def _named_event_error(event: ServerSentEvent) -> RelayError | None:
+    """The failure a named event reports: ``event: error``, or any with an ``error`` in its JSON data."""
+    try:
+        data = orjson.loads(event.data)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and data.get("error"):
+        return _upstream_event_error(data["error"])
+    if event.event == b"error":
+        return _upstream_event_error(event.data.decode("utf-8", "replace") if data is None else data)
+    return None
 
 
 class _Translator:
@@ -253,6 +266,13 @@ class _Translator:
         if event.data == b"[DONE]":
             self._saw_done = True
             return self._done(event)
+        if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
+            # A named event (`event: ping` with data) is no chat chunk, whatever its data, unless it
+            # reports a failure.
+            error = _named_event_error(event)
+            if error is not None:
+                raise error
+            return self._named(event)
         try:
             return self._chunk(_parse_chunk(event.data), event)
         except (AttributeError, TypeError, KeyError, IndexError):
@@ -267,6 +287,9 @@ class _Translator:
         raise NotImplementedError
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
+        raise NotImplementedError
+
+    def _named(self, event: ServerSentEvent) -> bytes:
         raise NotImplementedError
 
 
@@ -303,9 +326,10 @@ class TokenTranslator(_Translator):
     def _done(self, event: ServerSentEvent) -> bytes:
         return b""
 
+    def _named(self, event: ServerSentEvent) -> bytes:
+        return b""  # not the answer's meta, not a token
+
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
-        if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
-            return b""  # a named event (`event: ping` with data) is no chat chunk: not its meta, not a token
         out = b""
         if self.model is None:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
@@ -346,6 +370,9 @@ class PassthroughTranslator(_Translator):
 
     def _done(self, event: ServerSentEvent) -> bytes:
         return b"\n".join(event.lines) + b"\n\n"
+
+    def _named(self, event: ServerSentEvent) -> bytes:
+        return b"\n".join(event.lines) + b"\n\n"  # passed on as it came, counted as nothing
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         if self.model is None and isinstance(chunk.get("model"), str):

@@ -328,6 +328,33 @@ def test_nothing_is_retried_once_a_byte_reached_the_caller(relay, upstream):
     assert len(upstream.seen(model)) == 1
 
 
+def http10_plain_text(relay, model: str) -> tuple[bytes, str]:
+    """POST for the plain-text format as an HTTP/1.0 caller (no chunked body); what arrived, and how it ended."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    received, ending = b"", "eof"
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/stream_chat_completion HTTP/1.0\r\nHost: relay\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        try:
+            while piece := sock.recv(65536):
+                received += piece
+        except ConnectionResetError:
+            ending = "reset"
+    return received, ending
+
+
+def test_an_http10_caller_sees_a_failed_plain_text_answer_fail_not_finish(no_retry, upstream):
+    """Without chunking the body's end is the connection's: a close would look like the whole answer."""
+    model = upstream.script(stream_script(sse_answer(["Hel", "lo"], done=False)[:3]))  # cut: no finish_reason
+    received, ending = http10_plain_text(no_retry, model)
+    assert received.startswith(b"HTTP/1.0 200") and b"Transfer-Encoding" not in received, received
+    assert ending == "reset", f"the cut answer ended like a whole one: {received!r}"
+    whole, ending = http10_plain_text(no_retry, upstream.script(stream_script(sse_answer(["Hel", "lo"]))))
+    assert ending == "eof" and whole.endswith(b"\r\n\r\nHello"), whole
+
+
 # --- the caller goes away ------------------------------------------------------------------
 
 

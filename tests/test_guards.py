@@ -15,6 +15,7 @@ import redis
 from conftest import UPSTREAM_KEY, free_port
 from guards import STREAM_SLOT_SECONDS, CapReached, RedisStreamSlots
 from fake_upstream import sse_answer, stream_script
+from test_resume_redis_failures import RedisLink
 
 PATH = "/api/stream_chat_completion"
 TOKENS = "tok-alpha-123456,tok-beta-654321"
@@ -270,6 +271,67 @@ def test_stream_slots_renew_their_sets_expiry_so_long_streams_stay_counted(redis
     slots.acquire(caller, 2)
     with pytest.raises(CapReached):
         slots.acquire(caller, 2)
+
+
+def test_claims_that_a_redis_restarted_empty_lost_are_made_again(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    slots = RedisStreamSlots(redis_url)
+    caller = f"restart-{time.monotonic_ns()}"
+    slots.acquire(caller, 2)
+    slots.acquire(caller, 2)
+    client.delete(f"chat-relay:streams:{caller}")  # as a Redis that restarted without its data
+    slots.renew()
+    with pytest.raises(CapReached):
+        slots.acquire(caller, 2)
+
+
+def test_a_slot_granted_while_redis_was_unreachable_counts_once_redis_is_back(redis_url):
+    link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        slots = RedisStreamSlots(f"redis://127.0.0.1:{link.port}/0")
+        caller = f"outage-{time.monotonic_ns()}"
+        link.cut()
+        slot = slots.acquire(caller, 1)  # not enforced: granted unclaimed
+        link.restore()
+        slots.renew()
+        with pytest.raises(CapReached):
+            slots.acquire(caller, 1)
+        slots.release(slot)
+        slots.acquire(caller, 1)
+    finally:
+        link.close()
+
+
+def burst(relay, model: str, count: int, token: str) -> list[int]:
+    """``count`` requests sent at once on their own connections, all held open until each has its status."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s") % (token.encode(), len(body), body)  # fmt: skip
+    socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=15) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.sendall(request)
+        return [int(sock.recv(64).split(b" ", 2)[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("limit", ["cap", "rate"])
+def test_a_burst_of_more_requests_than_a_redis_pool_once_held_is_still_limited(relay_factory, upstream, redis_url, limit):
+    """redis-py's pools hold 100 connections unless told otherwise; the 101st request at once was
+    refused a connection, which read as Redis down, so the burst went through unlimited."""
+    token = f"tok-burst-{limit}-0123456789"
+    setting = {"cap": {"RELAY_MAX_STREAMS_PER_CALLER": "3"}, "rate": {"RELAY_RATE_LIMIT": "20/minute"}}[limit]
+    relay = relay_factory(workers=1, fresh=True, REDIS_URL=redis_url, RELAY_ACCESS_TOKENS=token, **setting)
+    try:
+        model = upstream.script(stream_script(sse_answer(["x"]), delay=1.5))  # each answer holds its slot ~4.5 s
+        statuses = burst(relay, model, 200, token)
+        admitted = {"cap": 3, "rate": 20}[limit]
+        assert statuses.count(200) == admitted and statuses.count(429) == 200 - admitted, sorted(set(statuses))
+        assert "Redis unavailable" not in relay.log()
+    finally:
+        relay.stop()
 
 
 def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):

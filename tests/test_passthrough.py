@@ -54,6 +54,17 @@ def test_every_data_line_is_byte_identical_and_done_is_included(relay, upstream)
     assert b"ping" not in result.body, "data-less upstream blocks must be dropped"
 
 
+def test_named_events_pass_through_unchanged_whatever_their_data(relay, upstream):
+    named = [b"event: ping\ndata: ping\n\n", b'event: progress\ndata: {"done": 0.5}\n\n']
+    answer = sse_answer(["a", "b"])
+    events = answer[:2] + named + answer[2:]
+    model = upstream.script(stream_script(events))
+    result = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True})
+    assert result.status == 200 and result.complete
+    assert b"".join(named) in result.body and result.body.endswith(b"data: [DONE]\n\n"), result.body
+    assert data_lines(result.body) == data_lines(b"".join(events))
+
+
 def test_streaming_tool_calls_and_usage_pass_through_exactly(relay, upstream):
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}
     args = {"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}

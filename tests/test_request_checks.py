@@ -187,7 +187,7 @@ def test_stream_other_than_true_is_400_invalid_request(relay, stream):
     assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "stream": stream}), 400, "invalid_request", "stream")
 
 
-@pytest.mark.parametrize("n", [2, 0, True])
+@pytest.mark.parametrize("n", [2, 0, True, 1.0, "1"])
 def test_n_other_than_one_is_400_invalid_request(relay, n):
     assert_error(relay.post(PATH, {"model": "m", "messages": MESSAGES, "n": n}), 400, "invalid_request", "n")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
+import socket
 import time
 
 import pytest
@@ -451,3 +453,43 @@ def test_a_resumes_log_line_says_how_it_ended(relay_factory, upstream):
     follower.take(1)
     follower.hang_up()
     assert resumed_line(stream_id)["outcome"] == "client_disconnect"
+
+
+def _heads_of_requests_sent_at_once(relay, requests: list[bytes]) -> list[bytes]:
+    """Each request on its own connection, all sent before any is read; the response heads, all
+    connections held open until every head has come."""
+    socks = [socket.create_connection(("127.0.0.1", relay.port), timeout=15) for _ in requests]
+    try:
+        for sock, request in zip(socks, requests):
+            sock.sendall(request)
+        heads = []
+        for sock in socks:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                head += piece
+            heads.append(head.partition(b"\r\n\r\n")[0])
+        return heads
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_more_resumable_answers_and_resumes_at_once_than_a_redis_pool_once_held(redis_relays, upstream):
+    """redis-py's pools hold 100 connections unless told otherwise: the 101st answer at once was
+    not resumable, and the 101st resume got 503, as if Redis were down."""
+    relay, count = redis_relays[0], 150
+    model = upstream.script(stream_script(sse_answer(["a", "b"]), delay=2))
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    start = (b"POST /api/stream_chat_completion HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+             b"Accept: text/event-stream\r\nX-Relay-Resumable: 1\r\nContent-Length: %d\r\n\r\n%s") % (len(body), body)  # fmt: skip
+    heads = _heads_of_requests_sent_at_once(relay, [start] * count)
+    ids = [re.search(rb"(?i)^x-relay-stream-id: (\S+)", head, re.MULTILINE) for head in heads]
+    assert all(head.startswith(b"HTTP/1.1 200") for head in heads)
+    assert sum(found is not None for found in ids) == count, "some answers were not resumable"
+    resumes = [b"GET /api/streams/%s HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n" % found.group(1)
+               for found in ids]  # fmt: skip
+    statuses = [head.split(b" ", 2)[1] for head in _heads_of_requests_sent_at_once(redis_relays[1], resumes)]
+    assert statuses == [b"200"] * count, sorted(set(statuses))

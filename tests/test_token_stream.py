@@ -535,6 +535,33 @@ def test_an_empty_event_type_is_the_default_message_type(relay, upstream):
     assert relay.stream(upstream.script(stream_script(events))).text == "ab"
 
 
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_named_events_mid_answer_are_skipped_whatever_their_data(relay, upstream, sse):
+    answer = sse_answer(TOKENS)
+    named = [b"event: ping\ndata: ping\n\n", b'event: progress\ndata: {"choices": [{"delta": {"content": "X"}}]}\n\n']
+    result = relay.stream(upstream.script(stream_script(answer[:3] + named + answer[3:])), sse=sse)
+    assert_whole_answer(result, sse)
+
+
+@pytest.mark.parametrize("data", [b"overloaded", b'{"message": "overloaded", "code": "server_busy"}'])
+def test_a_named_error_event_fails_the_answer_whatever_its_data(relay, upstream, data):
+    answer = sse_answer(TOKENS)
+    events = answer[:3] + [b"event: error\ndata: " + data + b"\n\n"] + answer[3:]
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    received = parse_sse(result.body)
+    assert [json.loads(data)["content"] for _, data in received[1:-1]] == TOKENS[:2]
+    kind, payload = received[-1]
+    assert kind == "error" and "overloaded" in json.loads(payload)["error"]["message"], result.body
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_chunks_that_carry_a_null_error_are_ordinary_chunks(relay, upstream, sse):
+    """Some servers write every field of a chunk, an "error": null included."""
+    events = [event.replace(b'"object":', b'"error": null, "object":') for event in sse_answer(TOKENS)]
+    assert events[1].count(b'"error": null') == 1
+    assert_whole_answer(relay.stream(upstream.script(stream_script(events)), sse=sse), sse)
+
+
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
     events = [b'event: ping\ndata: {"type": "ping"}\n\n', *sse_answer(["a"])]
     result = relay.stream(upstream.script(stream_script(events)), sse=True)
