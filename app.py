@@ -352,7 +352,10 @@ def _wants_events() -> bool:
     """Whether the caller asked for the relay's events: ``text/event-stream`` with a quality above 0."""
     if "event-stream" not in request.headers.get("Accept", "").lower():
         return False  # most callers: werkzeug's full parse is a measurable share of a stream's set-up
-    return any(kind.lower() == "text/event-stream" and quality > 0 for kind, quality in request.accept_mimetypes)
+    return any(  # a parameter (`; charset=utf-8`) stays in werkzeug's value
+        kind.partition(";")[0].strip().lower() == "text/event-stream" and quality > 0
+        for kind, quality in request.accept_mimetypes
+    )
 
 
 def _invalid(field: str, message: str, code: str = "invalid_request") -> RelayError:

@@ -293,5 +293,9 @@ def _limits_storage_uri(redis_url: str | None) -> str:
 
 
 def _exactly(origin: str):
-    """An allowed origin for flask-cors, which would read one with brackets (an IPv6 host) as a regex."""
-    return origin if origin == "*" else re.compile(re.escape(origin) + r"\Z", re.IGNORECASE)
+    """An allowed origin for flask-cors, which would read one with brackets (an IPv6 host) as a regex;
+    with its scheme's default port written out or not, as the relay's own origin check matches it."""
+    if origin == "*":
+        return origin
+    default_port = {"http": ":80", "https": ":443"}.get(origin.partition(":")[0].lower(), "")
+    return re.compile(re.escape(origin) + f"(?:{re.escape(default_port)})?" + r"\Z", re.IGNORECASE)

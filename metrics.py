@@ -29,12 +29,15 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60),
 )
 TOKENS = Counter("relay_tokens_total", "Completion tokens relayed.")
-UPSTREAM_ERRORS = Counter("relay_upstream_errors_total", "Upstream failures, by kind (the error code).", ["kind"])
+UPSTREAM_ERRORS = Counter("relay_upstream_errors_total", "Upstream failures, by kind.", ["kind"])
 CLIENT_DISCONNECTS = Counter("relay_client_disconnects_total", "Streams whose caller went away before the end.")
 
-# The relay's own kinds are shown at 0 from the start, so an alert on them sees a series, not "no data".
-# (An upstream's own error code, passed on as the kind, appears when it first happens.)
-for _kind in ("upstream_error", "upstream_timeout", "upstream_auth_failed", "upstream_rate_limited"):
+# The kinds: the relay's codes for a failed upstream, and "upstream_rejected" for an upstream that
+# refused the request (its other 4xx, passed on with whatever code it names: as a label, each code an
+# upstream makes up would be a new series). Each is shown at 0 from the start, so an alert on it sees
+# a series, not "no data".
+UPSTREAM_ERROR_KINDS = ("upstream_error", "upstream_timeout", "upstream_auth_failed", "upstream_rate_limited")
+for _kind in (*UPSTREAM_ERROR_KINDS, "upstream_rejected"):
     UPSTREAM_ERRORS.labels(_kind)
 
 
@@ -54,14 +57,19 @@ def record_request(fields: dict, upstream_errors: bool = True) -> None:
     if fields.get("completion_tokens"):
         TOKENS.inc(fields["completion_tokens"])
     if upstream_errors:
-        _count_upstream_error(fields["outcome"], fields.get("error"))
+        _count_upstream_error(fields["outcome"], fields.get("error"), fields["status"])
     if fields["outcome"] == "client_disconnect":
         CLIENT_DISCONNECTS.inc()
 
 
-def _count_upstream_error(outcome: str, error: str | None) -> None:
-    if outcome in ("upstream_error", "timeout") and error:
-        UPSTREAM_ERRORS.labels(error).inc()
+def _count_upstream_error(outcome: str, error: str | None, status: int | None = None) -> None:
+    if outcome not in ("upstream_error", "timeout") or not error or error == "shutting_down":  # a stop is the relay's
+        return
+    if error != "internal_error" and (
+        error not in UPSTREAM_ERROR_KINDS or (error == "upstream_error" and status is not None and 400 <= status < 500)
+    ):
+        error = "upstream_rejected"  # an upstream 4xx passed on, whatever code it named (or none)
+    UPSTREAM_ERRORS.labels(error).inc()
 
 
 def render(multiprocess_dir: str | None) -> bytes:

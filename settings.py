@@ -96,7 +96,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
         max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
         allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
-        access_tokens=env.csv("RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay"),
+        access_tokens=env.csv(
+            "RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay", blank_is_unset=False
+        ),
         rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
         max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
         redis_url=env.redis_url("REDIS_URL"),
@@ -134,10 +136,14 @@ class _Env:
             return False
         raise SettingsError(f"{name}={value!r}: expected 1 or 0")
 
-    def csv(self, name: str, item: str, accepted: str) -> tuple[str, ...]:
-        """The comma-separated ``item``s in ``name`` (empty ones skipped); () when it is unset or blank."""
+    def csv(self, name: str, item: str, accepted: str, *, blank_is_unset: bool = True) -> tuple[str, ...]:
+        """The comma-separated ``item``s in ``name`` (empty ones skipped); () when it is unset, or blank
+        unless ``blank_is_unset`` is False."""
         raw = self.text(name)
         if raw is None:
+            if name in self._environ and not blank_is_unset:
+                # `RELAY_ACCESS_TOKENS=${TOKENS}` with TOKENS unset: an open relay nobody meant
+                raise SettingsError(f"{name} is set but empty: give a comma-separated list of {accepted}")
             return ()
         items = tuple(part.strip() for part in raw.split(",") if part.strip())
         if not items:

@@ -176,12 +176,16 @@ def sse_error_frame(error: RelayError) -> bytes:
 
 
 def _upstream_event_error(error) -> RelayError:
+    """An error the upstream reported in its event stream: a failed upstream, so ``upstream_error``
+    (an upstream's own code is no code a caller of the relay knows; the message names it)."""
     error = _error_object(error)
     code = error.get("code")
     message = error["message"] or "The upstream reported an error mid-stream."
+    if isinstance(code, (str, int)) and not isinstance(code, bool) and str(code):
+        message = f"{message} (upstream code {code})"
     return RelayError(
         502,
-        code if isinstance(code, str) and code else "upstream_error",
+        "upstream_error",
         "Upstream error: " + message,
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         outcome="upstream_error",
@@ -346,7 +350,9 @@ class TokenTranslator(_Translator):
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         content = (choice.get("delta") or {}).get("content")
-        if not content or not isinstance(content, str):
+        if content is not None and not isinstance(content, str):
+            raise _malformed("a chunk's delta.content is not a string")
+        if not content:
             return out
         self.token_count += 1
         if self.sse:

@@ -336,7 +336,8 @@ def test_a_burst_of_more_requests_than_a_redis_pool_once_held_is_still_limited(r
 
 def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):
     relay = relay_factory(RELAY_ALLOWED_ORIGINS="https://App.Example.com:443/,http://localhost:5173,http://[::1]:5173")
-    for origin in ("https://app.example.com", "http://localhost:5173", "http://[::1]:5173"):
+    # (no browser writes a default port, but the origin check lets one through: CORS must agree)
+    for origin in ("https://app.example.com", "http://localhost:5173", "http://[::1]:5173", "https://app.example.com:443"):
         result = relay.stream(quick(upstream), headers={"Origin": origin})
         assert result.status == 200, (origin, result.body)
         assert result.headers.get("access-control-allow-origin") == origin, "the browser would drop the answer"
@@ -421,6 +422,42 @@ def test_a_resumable_answer_whose_caller_left_counts_as_active_until_it_ends(rel
     while metric(relay.request("GET", "/metrics").text, "relay_active_streams") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(relay.request("GET", "/metrics").text, "relay_active_streams") == 0
+
+
+def test_an_upstreams_own_error_codes_are_no_error_codes_of_the_relay_nor_metric_kinds(relay_factory, upstream):
+    """Whatever code an upstream makes up would otherwise reach callers as the relay's, and /metrics as a new series."""
+    relay = relay_factory(fresh=True, RELAY_RETRIES="0")
+    try:
+        made_up = {"message": "boom", "type": "server_error", "code": "oops"}
+        first = upstream.script(stream_script([b"data: " + json.dumps({"error": made_up}).encode() + b"\n\n"]))
+        result = relay.stream(first)
+        assert result.status == 502 and result.json()["error"]["code"] == "upstream_error", result.body
+        assert "boom" in result.json()["error"]["message"] and "oops" in result.json()["error"]["message"]
+        mid = upstream.script(stream_script([sse_answer(["a"])[0], b"data: " + json.dumps({"error": made_up}).encode() + b"\n\n"]))
+        last = relay.stream(mid, sse=True).body.decode().rstrip().rsplit("\n", 1)[1]
+        assert json.loads(last.removeprefix("data: "))["error"]["code"] == "upstream_error", last
+        refused = upstream.script(lambda conn: conn.json_response(400, {"error": {"message": "no", "code": "bad_param"}}))
+        assert relay.stream(refused).json()["error"]["code"] == "bad_param"  # a 4xx keeps the upstream's code
+        relay.wait_access_line(PATH, count=3, outcome="upstream_error")
+        text = relay.request("GET", "/metrics").text
+        assert metric(text, "relay_upstream_errors_total", kind="upstream_error") == 2
+        assert metric(text, "relay_upstream_errors_total", kind="upstream_rejected") == 1
+        assert 'kind="oops"' not in text and 'kind="bad_param"' not in text
+    finally:
+        relay.stop()
+
+
+def test_a_stream_cut_by_the_relays_own_shutdown_is_no_upstream_error():
+    import metrics
+    from prometheus_client import REGISTRY
+
+    def count(kind):
+        return REGISTRY.get_sample_value("relay_upstream_errors_total", {"kind": kind}) or 0.0
+
+    before = {kind: count(kind) for kind in ("shutting_down", "upstream_timeout", "upstream_rejected")}
+    metrics.record_request({"endpoint": PATH, "status": 200, "outcome": "timeout", "error": "shutting_down"})
+    metrics.record_detached_end(0, "timeout", "shutting_down")
+    assert {kind: count(kind) for kind in before} == before
 
 
 def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(relay_factory, upstream, tmp_path):

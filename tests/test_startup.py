@@ -57,6 +57,8 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("RELAY_RATE_LIMIT", "5/minute;0/day"),
         ("RELAY_ACCESS_TOKENS", ","),  # names no token: read as unset, the relay would start open
         ("RELAY_ACCESS_TOKENS", " , "),
+        ("RELAY_ACCESS_TOKENS", ""),  # `RELAY_ACCESS_TOKENS=${TOKENS}` with TOKENS unset: open, unmeant
+        ("RELAY_ACCESS_TOKENS", "  "),
         ("RELAY_MODELS", ","),  # names no model: read as unset, any model would be allowed
         ("RELAY_ALLOWED_ORIGINS", ","),
         ("HOST", "not a host!"),
@@ -83,7 +85,7 @@ def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
         ("RELAY_ALLOWED_ORIGINS", "allowed_origins", ",https://app.example.com,,", ("https://app.example.com",)),
     ],
 )
-def test_a_list_setting_that_names_no_item_is_refused_but_unset_or_blank_keeps_the_default(
+def test_a_list_setting_that_names_no_item_is_refused_but_unset_or_blank_keeps_the_default_but_for_tokens(
     name, attribute, with_empty_items, parsed
 ):
     """Commas alone are a value someone typed, not an unset variable: reading them as unset would turn
@@ -93,8 +95,12 @@ def test_a_list_setting_that_names_no_item_is_refused_but_unset_or_blank_keeps_t
             load_settings({**BASE, name: value})
         message = str(refused.value)
         assert name in message and "comma-separated" in message and "unset" in message, message
-    for value in ["", "   "]:  # empty or blank is unset, as for every other variable
-        assert getattr(load_settings({**BASE, name: value}), attribute) == ()
+    for value in ["", "   "]:  # empty or blank is unset, as for every other variable, except the tokens
+        if name == "RELAY_ACCESS_TOKENS":  # `RELAY_ACCESS_TOKENS=${TOKENS}`, TOKENS unset: an open relay unmeant
+            with pytest.raises(SettingsError, match="set but empty"):
+                load_settings({**BASE, name: value})
+        else:
+            assert getattr(load_settings({**BASE, name: value}), attribute) == ()
     assert getattr(load_settings({**BASE, name: with_empty_items}), attribute) == parsed, "empty items are skipped"
 
 

@@ -223,7 +223,8 @@ def test_mid_stream_error_event_ends_sse_with_event_error(relay, upstream):
     [
         ({"message": {"detail": "nested"}}, 'Upstream error: {"detail":"nested"}'),  # passed on as JSON, as before the first byte
         ("a bare string", "Upstream error: a bare string"),
-        ({"message": None, "code": "overloaded"}, "Upstream error: The upstream reported an error mid-stream."),
+        ({"message": None, "code": "overloaded"}, "Upstream error: The upstream reported an error mid-stream. (upstream code overloaded)"),
+        ({"message": "busy", "code": 503}, "Upstream error: busy (upstream code 503)"),
     ],
 )
 def test_a_mid_stream_error_of_any_shape_is_passed_on_as_text(relay, upstream, error, message):
@@ -231,6 +232,7 @@ def test_a_mid_stream_error_of_any_shape_is_passed_on_as_text(relay, upstream, e
     parsed = parse_sse(relay.stream(upstream.script(stream_script(events)), sse=True).body)
     assert parsed[-1][0] == "error"
     assert json.loads(parsed[-1][1])["error"]["message"] == message
+    assert json.loads(parsed[-1][1])["error"]["code"] == "upstream_error"
 
 
 def test_truncated_upstream_aborts_the_plain_text_answer(relay, upstream):
@@ -560,6 +562,20 @@ def test_chunks_that_carry_a_null_error_are_ordinary_chunks(relay, upstream, sse
     events = [event.replace(b'"object":', b'"error": null, "object":') for event in sse_answer(TOKENS)]
     assert events[1].count(b'"error": null') == 1
     assert_whole_answer(relay.stream(upstream.script(stream_script(events)), sse=sse), sse)
+
+
+def test_an_accept_with_a_parameter_still_asks_for_the_event_format(relay, upstream):
+    result = relay.stream(upstream.script(stream_script(sse_answer(TOKENS))), headers={"Accept": "text/event-stream; charset=utf-8"})
+    assert_whole_answer(result, sse=True)
+
+
+@pytest.mark.parametrize("content", [5, ["a"], {"text": "a"}, True])
+def test_a_content_that_is_not_a_string_is_a_malformed_reply(relay, upstream, content):
+    events = sse_answer(TOKENS)
+    events.insert(2, b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n")
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    kind, data = parse_sse(result.body)[-1]
+    assert kind == "error" and "not a string" in json.loads(data)["error"]["message"], result.body
 
 
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
