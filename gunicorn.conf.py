@@ -102,8 +102,9 @@ GC_YOUNG_THRESHOLD = 10_000
 
 
 def post_worker_init(worker):
-    """Tune the garbage collector; when this worker is told to stop (SIGTERM, or HUP's restart),
-    start the relay's own shutdown clock, stop accepting and close idle connections at once. Runs
+    """Tune the garbage collector; when this worker is told to stop (SIGTERM, HUP's restart, or
+    gunicorn retiring it), start the relay's own shutdown clock, stop accepting and close idle
+    connections at once. Runs
     in the worker after it has imported the app, and before gunicorn starts its listeners."""
     import streaming
 
@@ -121,7 +122,16 @@ def post_worker_init(worker):
         # From the loop, not from inside whatever this signal interrupted.
         gevent.get_hub().loop.run_callback(_connections.stop_accepting_and_close_idle)
 
+    def stop_when_retired():
+        """gunicorn also retires a worker without a signal (after `max_requests`, or when its master
+        is gone): it only stops its loop, and streams were cut at gunicorn's deadline, unannounced."""
+        while worker.alive:
+            gevent.sleep(1.0)  # as often as gunicorn's own loop looks
+        streaming.begin_shutdown(_settings.graceful_timeout)  # a SIGTERM's deadline, if earlier, stands
+        _connections.stop_accepting_and_close_idle()
+
     signal.signal(signal.SIGTERM, handle_exit)
+    gevent.spawn(stop_when_retired)
 
 
 class _Connections:

@@ -615,6 +615,27 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_ones_and_fails_those_cut
     relay.stop()
 
 
+def test_a_worker_gunicorn_retires_after_max_requests_ends_its_streams_as_sigterm_does(relay_factory, upstream):
+    """gunicorn retires it without a signal; its streams were cut at gunicorn's own deadline, unannounced."""
+    relay = relay_factory(fresh=True, RELAY_GRACEFUL_TIMEOUT="1.5", GUNICORN_CMD_ARGS="--max-requests 3")
+    try:
+        long = upstream.script(stream_script(sse_answer(list("0123456789")), delay=1.0))
+        results = []
+        thread = threading.Thread(target=lambda: results.append(post(relay, ENDPOINTS[0], long, sse=True)))
+        thread.start()
+        upstream.wait_seen(long)
+        started = time.monotonic()
+        for _ in range(2):  # the third request retires the worker
+            assert relay.request("GET", "/healthz").status == 200
+        thread.join(15)
+        events = parse_sse(results[0].body)
+        assert events[-1][0] == "error", f"a stream cut by the retirement must end as a failure: {events}"
+        assert json.loads(events[-1][1])["error"]["code"] == "shutting_down"
+        assert time.monotonic() - started < 4.5, "at the relay's deadline (1 s to notice, 1.5 s of grace)"
+    finally:
+        relay.stop()
+
+
 def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
