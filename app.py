@@ -641,7 +641,7 @@ def _connection_aborter() -> Callable[[], None]:
     answer: the connection is reset instead, and what the caller had not yet received is lost with it.
     """
     client_socket = request.environ.get("gunicorn.socket")
-    if client_socket is None:  # the development server
+    if client_socket is None:  # a WSGI server that does not say (neither gunicorn nor `python app.py`)
         return lambda: None
     chunked = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
 
@@ -716,7 +716,13 @@ if __name__ == "__main__":
         (dev_settings.host, dev_settings.port), create_app(dev_settings), handler_class=_Handler, log=None
     )
     print(f"chat-relay (development server) on http://{dev_settings.host}:{dev_settings.port}", file=sys.stderr)
-    server.serve_forever()
+    import gevent
+
+    gevent.get_hub().NOT_ERROR += (KeyboardInterrupt,)  # Ctrl-C is how it stops: gevent need not print it
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("chat-relay: stopped", file=sys.stderr)
 else:
     try:
         app = create_app()

@@ -172,7 +172,7 @@ def test_python_app_py_refuses_a_bad_setting_with_one_line():
     assert result.returncode != 0 and output.count("\n") == 0 and "RELAY_HEARTBEAT_SECONDS" in output
 
 
-def test_python_app_py_serves_with_one_json_log_line_per_request(tmp_path):
+def test_python_app_py_serves_with_one_json_log_line_per_request_and_stops_quietly_on_ctrl_c(tmp_path):
     port = free_port()
     env = {"PATH": os.environ["PATH"], "RELAY_DEMO": "1", "HOST": "127.0.0.1", "PORT": str(port),
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}  # fmt: skip
@@ -195,10 +195,12 @@ def test_python_app_py_serves_with_one_json_log_line_per_request(tmp_path):
         while log_path.read_text().count('"path":') < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # the line is written when the server closes the response
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(10)
-    lines = [line for line in log_path.read_text().splitlines() if line.strip() and "development server" not in line
-             and "DEMO" not in line.upper()]  # fmt: skip
+    text = log_path.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
+    lines = [line for line in text.splitlines() if line.strip() and "development server" not in line
+             and "DEMO" not in line.upper() and line != "chat-relay: stopped"]  # fmt: skip
     paths = [json.loads(line)["path"] for line in lines if line.startswith("{")]
     assert paths[-2:] == ["/healthz", "/static/relay-client.js"]
     assert all(line.startswith("{") for line in lines), f"a line that is not the relay's JSON: {lines}"
