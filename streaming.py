@@ -664,17 +664,17 @@ def _ip_family(host: str) -> int | None:
 class _UpstreamHTTPResponse(http.client.HTTPResponse):
     """http.client's response, skipping each interim (1xx) response that comes before the answer.
 
-    http.client skips only 100 Continue. RFC 9110 (15.2) has a client ignore the interim responses
-    it did not ask for, such as 103 Early Hints, which some servers and proxies send first; taken
-    for the answer, one failed the request (an empty 103 is no event stream).
+    http.client skips only 100 Continue, as many as come. RFC 9110 (15.2) has a client ignore the
+    interim responses it did not ask for, such as 103 Early Hints, which some servers and proxies
+    send first; taken for the answer, one failed the request (an empty 103 is no event stream).
     """
 
-    MAX_INTERIM = 16
+    MAX_INTERIM = 16  # skipped; one more is a broken upstream, not one slow to begin
 
     def _read_status(self):
-        for _ in range(self.MAX_INTERIM):
+        for _ in range(self.MAX_INTERIM + 1):  # the interim responses, and the answer's status line
             version, status, reason = super()._read_status()
-            if not 102 <= status < 200:  # begin() skips 100 itself; 101 would switch protocols
+            if not 100 <= status < 200 or status == 101:  # 101 would switch protocols: no answer of ours
                 return version, status, reason
             http.client._read_headers(self.fp)  # the interim response's headers, ignored
         raise http.client.HTTPException(f"more than {self.MAX_INTERIM} interim responses")

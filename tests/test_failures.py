@@ -121,6 +121,21 @@ def test_a_corrupt_gzip_body_is_a_malformed_reply_not_the_relays_own_failure(no_
     assert "Traceback" not in no_retry.log()
 
 
+def test_an_upstream_that_sends_interim_responses_without_end_is_a_malformed_reply(no_retry, upstream):
+    """Up to 16 are skipped; past that the relay stops reading them rather than loop for as long as they come."""
+
+    def script(conn):
+        conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + b"HTTP/1.1 103 Early Hints\r\n\r\n" * 8)
+        stream_script(sse_answer(["a"]))(conn)
+
+    started = time.monotonic()
+    result = post(no_retry, ENDPOINTS[0], upstream.script(script))
+    assert_error(result, 502, "upstream_error")
+    assert time.monotonic() - started < 3 and "Traceback" not in no_retry.log()
+    sixteen = upstream.script(lambda conn: (conn.send_raw(b"HTTP/1.1 103 Early Hints\r\n\r\n" * 16), stream_script(sse_answer(["a"]))(conn)))
+    assert post(no_retry, ENDPOINTS[0], sixteen).text == "a"
+
+
 @pytest.mark.parametrize("path, stream", [(ENDPOINTS[0], True), (ENDPOINTS[1], True), (ENDPOINTS[1], False)])
 def test_interim_responses_before_the_answer_are_skipped(no_retry, upstream, path, stream):
     """103 Early Hints (or 102) first: RFC 9110 has a client ignore the interim responses it did not expect."""
