@@ -227,6 +227,7 @@ class RedisStreamSlots:
         )
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._held: dict[str, tuple[str, str]] = {}
+        self._unclaimed: set[str] = set()  # held slots granted while Redis was unreachable, not yet in it
         self._renewer = None
 
     def acquire(self, caller: str, cap: int) -> str:
@@ -240,6 +241,7 @@ class RedisStreamSlots:
             claimed = self._acquire(keys=[key], args=[now, cap, now + STREAM_SLOT_SECONDS, member, STREAM_SLOT_SECONDS * 2])
         except redis.RedisError:
             log.warning("Redis unavailable: stream cap not enforced for this request")
+            self._unclaimed.add(member)
             claimed = True
         if not claimed:
             raise CapReached
@@ -250,7 +252,9 @@ class RedisStreamSlots:
 
     def release(self, member: str) -> None:
         key, _ = self._held.pop(member, (None, None))
-        if key is not None:
+        if member in self._unclaimed:  # nothing in Redis to remove (a renewal on its way removes its own)
+            self._unclaimed.discard(member)
+        elif key is not None:
             try:
                 self._redis.zrem(key, member)
             except redis.RedisError:
@@ -275,6 +279,7 @@ class RedisStreamSlots:
                     pipe.zadd(key, {member: expires})
                     pipe.expire(key, STREAM_SLOT_SECONDS * 2)
                 pipe.execute()
+                self._unclaimed.difference_update(member for _, member in held)
                 released = [(key, member) for key, member in held if member not in self._held]
                 if released:  # released while the renewal was on its way: its claim must not come back
                     for key, member in released:
@@ -298,4 +303,6 @@ def _exactly(origin: str):
     if origin == "*":
         return origin
     default_port = {"http": ":80", "https": ":443"}.get(origin.partition(":")[0].lower(), "")
+    if urlsplit(origin).port is not None:  # a port of its own, so not the default (settings drop that)
+        default_port = ""
     return re.compile(re.escape(origin) + f"(?:{re.escape(default_port)})?" + r"\Z", re.IGNORECASE)

@@ -104,8 +104,8 @@ GC_YOUNG_THRESHOLD = 10_000
 def post_worker_init(worker):
     """Tune the garbage collector; when this worker is told to stop (SIGTERM, HUP's restart, or
     gunicorn retiring it), start the relay's own shutdown clock, stop accepting and close idle
-    connections at once. Runs
-    in the worker after it has imported the app, and before gunicorn starts its listeners."""
+    connections at once. Runs in the worker after it has imported the app, and before gunicorn
+    starts its listeners."""
     import streaming
 
     gunicorn.util.write_error = _write_json_error  # the worker's refusals of requests it cannot parse
@@ -123,8 +123,8 @@ def post_worker_init(worker):
         gevent.get_hub().loop.run_callback(_connections.stop_accepting_and_close_idle)
 
     def stop_when_retired():
-        """gunicorn also retires a worker without a signal (after `max_requests`, or when its master
-        is gone): it only stops its loop, and streams were cut at gunicorn's deadline, unannounced."""
+        """gunicorn also retires a worker without a signal, after `max_requests`: it only stops its
+        loop, and streams were cut at gunicorn's deadline, unannounced."""
         while worker.alive:
             gevent.sleep(1.0)  # as often as gunicorn's own loop looks
         streaming.begin_shutdown(_settings.graceful_timeout)  # a SIGTERM's deadline, if earlier, stands
@@ -156,6 +156,7 @@ class _Connections:
         self.clients: dict = {}  # handler greenlet -> (its client socket, when it was accepted)
         self.in_request: set = set()  # handler greenlets between gunicorn's pre_ and post_request
         self.served: set = set()  # handler greenlets whose connection has carried a whole request
+        self.stopping = False
 
     def track(self) -> None:
         connections = self
@@ -193,6 +194,9 @@ class _Connections:
         gunicorn.workers.ggevent.StreamServer = TrackedStreamServer
 
     def stop_accepting_and_close_idle(self) -> None:
+        if self.stopping:
+            return  # both a SIGTERM and the retirement it causes ask
+        self.stopping = True
         for server in self.servers:
             server.close()  # only this worker's copy: after a HUP the new workers go on accepting
         self._close_idle()
@@ -295,7 +299,9 @@ def post_request(worker, req, environ, resp):
     handler = gevent.getcurrent()
     _connections.in_request.discard(handler)
     _connections.served.add(handler)
-    if not worker.alive:
+    # (A connection gunicorn closes anyway is left to it: an HTTP/1.0 answer that failed is ended by
+    # that close with a reset, which an end of ours sent first would make look whole.)
+    if not worker.alive and resp is not None and not resp.should_close():
         try:
             environ["gunicorn.socket"].shutdown(socket.SHUT_WR)
         except (KeyError, OSError):

@@ -32,12 +32,15 @@ TOKENS = Counter("relay_tokens_total", "Completion tokens relayed.")
 UPSTREAM_ERRORS = Counter("relay_upstream_errors_total", "Upstream failures, by kind.", ["kind"])
 CLIENT_DISCONNECTS = Counter("relay_client_disconnects_total", "Streams whose caller went away before the end.")
 
-# The kinds: the relay's codes for a failed upstream, and "upstream_rejected" for an upstream that
-# refused the request (its other 4xx, passed on with whatever code it names: as a label, each code an
-# upstream makes up would be a new series). Each is shown at 0 from the start, so an alert on it sees
-# a series, not "no data".
-UPSTREAM_ERROR_KINDS = ("upstream_error", "upstream_timeout", "upstream_auth_failed", "upstream_rate_limited")
-for _kind in (*UPSTREAM_ERROR_KINDS, "upstream_rejected"):
+# The kinds: the relay's codes for a failed upstream; "upstream_rejected" for an upstream that refused
+# the request (its other 4xx, passed on with whatever code it names: as a label, each code an
+# upstream makes up would be a new series); "internal_error" for the relay's own failure. Each is
+# shown at 0 from the start, so an alert on it sees a series, not "no data".
+UPSTREAM_ERROR_KINDS = (
+    "upstream_error", "upstream_timeout", "upstream_auth_failed", "upstream_rate_limited", "upstream_rejected",
+    "internal_error",
+)  # fmt: skip
+for _kind in UPSTREAM_ERROR_KINDS:
     UPSTREAM_ERRORS.labels(_kind)
 
 
@@ -65,11 +68,13 @@ def record_request(fields: dict, upstream_errors: bool = True) -> None:
 def _count_upstream_error(outcome: str, error: str | None, status: int | None = None) -> None:
     if outcome not in ("upstream_error", "timeout") or not error or error == "shutting_down":  # a stop is the relay's
         return
-    if error != "internal_error" and (
-        error not in UPSTREAM_ERROR_KINDS or (error == "upstream_error" and status is not None and 400 <= status < 500)
-    ):
-        error = "upstream_rejected"  # an upstream 4xx passed on, whatever code it named (or none)
-    UPSTREAM_ERRORS.labels(error).inc()
+    if status is not None and 400 <= status < 500 and status != 429:
+        kind = "upstream_rejected"  # whatever code the upstream named, or none
+    elif error in UPSTREAM_ERROR_KINDS:
+        kind = error
+    else:
+        kind = "upstream_error"
+    UPSTREAM_ERRORS.labels(kind).inc()
 
 
 def render(multiprocess_dir: str | None) -> bytes:

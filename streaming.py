@@ -270,14 +270,13 @@ class _Translator:
         if event.data == b"[DONE]":
             self._saw_done = True
             return self._done(event)
-        if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
-            # A named event (`event: ping` with data) is no chat chunk, whatever its data, unless it
-            # reports a failure.
-            error = _named_event_error(event)
-            if error is not None:
-                raise error
-            return self._named(event)
         try:
+            if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
+                # A named event (`event: ping` with data) fails the answer only if it reports an error.
+                error = _named_event_error(event)
+                if error is not None:
+                    raise error
+                return self._named(event)
             return self._chunk(_parse_chunk(event.data), event)
         except (AttributeError, TypeError, KeyError, IndexError):
             raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
@@ -331,7 +330,7 @@ class TokenTranslator(_Translator):
         return b""
 
     def _named(self, event: ServerSentEvent) -> bytes:
-        return b""  # not the answer's meta, not a token
+        return b""  # no chat chunk: not the answer's meta, not a token
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         out = b""
@@ -378,7 +377,13 @@ class PassthroughTranslator(_Translator):
         return b"\n".join(event.lines) + b"\n\n"
 
     def _named(self, event: ServerSentEvent) -> bytes:
-        return b"\n".join(event.lines) + b"\n\n"  # passed on as it came, counted as nothing
+        """Passed on as a chunk when its data is a JSON object, as the SDKs read every event; dropped
+        when it is not, as a block without data is: they would fail on it."""
+        try:
+            chunk = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return b""
+        return self._chunk(chunk, event) if isinstance(chunk, dict) else b""
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         if self.model is None and isinstance(chunk.get("model"), str):
@@ -607,12 +612,12 @@ class _ConnectsWithoutWaiting:
     """Opens a connection to an upstream named by its IP address without waiting for gevent's loop
     when the kernel makes it at once.
 
-    urllib3 resolves even an IP address in gevent's thread pool, and gevent waits for its loop after
-    a non-blocking ``connect`` says EINPROGRESS, though to a server on this machine (a local model
-    server, a sidecar) the handshake is done before ``connect`` returns. Each wait queues the request
-    behind every other that became ready in the same turn of the loop: in a burst of 100 requests on
-    two workers, no new connection was made before ~35 ms. Asking the kernel once more finds it made;
-    a remote one (EALREADY) is left to gevent as before. Names are resolved by urllib3 as before.
+    gevent waits for its loop after a non-blocking ``connect`` says EINPROGRESS, though to a server
+    on this machine (a local model server, a sidecar) the handshake is done before ``connect``
+    returns. The wait queues the request behind every other that became ready in the same turn of
+    the loop: in a burst of 100 requests on two workers, no new connection was made before ~35 ms.
+    Asking the kernel once more finds it made; a remote one (EALREADY) is left to gevent as before.
+    Names are resolved and connected by urllib3 as before.
     """
 
     _dns_host: str
@@ -623,15 +628,12 @@ class _ConnectsWithoutWaiting:
 
     def _new_conn(self) -> socket.socket:
         family = _ip_family(self._dns_host)
-        if family is None or self.source_address:
-            return super()._new_conn()
-        address = (self._dns_host.strip("[]"), self.port)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        raw = getattr(sock, "_sock", None)  # the non-blocking socket under gevent's wrapper
-        if raw is None:  # not patched by gevent (a plain script): connecting blocks anyway
-            sock.close()
-            return super()._new_conn()
+        if family is None or self.source_address or socket.socket is _UNPATCHED_SOCKET:
+            return super()._new_conn()  # (without gevent's patching, as in a plain script, connecting blocks)
+        address, sock = (self._dns_host.strip("[]"), self.port), None
         try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            raw = sock._sock  # the non-blocking socket under gevent's wrapper
             for option in self.socket_options or ():
                 sock.setsockopt(*option)
             if isinstance(self.timeout, (int, float)):
@@ -648,9 +650,13 @@ class _ConnectsWithoutWaiting:
             message = f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
             raise urllib3.exceptions.ConnectTimeoutError(self, message) from exc
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
         return sock
+
+
+_UNPATCHED_SOCKET = get_original("socket", "socket")
 
 
 def _ip_family(host: str) -> int | None:

@@ -370,6 +370,20 @@ def test_an_http10_caller_sees_a_failed_plain_text_answer_fail_not_finish(no_ret
     assert ending == "eof" and whole.endswith(b"\r\n\r\nHello"), whole
 
 
+def test_an_http10_caller_of_a_stream_cut_by_sigterm_sees_it_fail(relay_factory, upstream):
+    """A stopping worker ends each connection after its answer; for HTTP/1.0 that end must not come before the reset."""
+    relay = relay_factory(fresh=True, RELAY_GRACEFUL_TIMEOUT="1")
+    long = upstream.script(stream_script(sse_answer(list("0123456789")), delay=0.5))
+    ended = []
+    thread = threading.Thread(target=lambda: ended.append(http10_plain_text(relay, long)))
+    thread.start()
+    upstream.wait_seen(long)
+    os.killpg(relay.proc.pid, signal.SIGTERM)
+    thread.join(15)
+    relay.stop()
+    assert ended and ended[0][1] == "reset", f"the cut answer ended like a whole one: {ended}"
+
+
 # --- the caller goes away ------------------------------------------------------------------
 
 
@@ -643,6 +657,7 @@ def test_a_worker_gunicorn_retires_after_max_requests_ends_its_streams_as_sigter
         for _ in range(2):  # the third request retires the worker
             assert relay.request("GET", "/healthz").status == 200
         thread.join(15)
+        assert results, "the stream did not end"
         events = parse_sse(results[0].body)
         assert events[-1][0] == "error", f"a stream cut by the retirement must end as a failure: {events}"
         assert json.loads(events[-1][1])["error"]["code"] == "shutting_down"

