@@ -106,7 +106,7 @@ export async function* streamChatCompletion(params, {signal, baseUrl = "", token
   globalThis.addEventListener?.("pagehide", abandon);
   try {
     const response = await send(params, relay);
-    if (!response.ok) throw await httpError(response, relay.signal);
+    await checkEventStream(response, relay.signal);
     for await (const event of answerEvents(response, position, relay, {onReconnect, onResumed})) {
       ended = event.type === "done" || event.type === "error";
       if (event.type === "message") yield tokenOf(event.data);
@@ -222,7 +222,7 @@ async function requestRest({streamId, lastEventId}, relay) {
   } catch (error) {
     throw connectionError(error, relay.signal);
   }
-  if (!response.ok) throw await httpError(response, relay.signal);
+  await checkEventStream(response, relay.signal);
   return response;
 }
 
@@ -258,6 +258,20 @@ function sleep(ms, signal) {
     }, ms);
     signal.addEventListener("abort", wake, {once: true});
   });
+}
+
+/** Throws the RelayError a response is when it is not the relay's event stream. */
+async function checkEventStream(response, signal) {
+  if (!response.ok) throw await httpError(response, signal);
+  const type = response.headers.get("Content-Type") ?? "";
+  if (!type.toLowerCase().startsWith("text/event-stream")) {
+    // A 200 that is no event stream: a captive portal's or a proxy's page in the relay's place.
+    response.body?.cancel().catch(() => {});
+    throw new RelayError(`The relay answered HTTP ${response.status} with ${type || "no content type"}, not events.`, {
+      code: "bad_response",
+      status: response.status,
+    });
+  }
 }
 
 async function httpError(response, signal) {

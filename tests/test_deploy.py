@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, Relay, free_port, make_certificate, wait_until_up
 from fake_upstream import FakeUpstream, sse_answer, stream_script
 from settings import load_settings
+from streaming import RETRY_CAP_SECONDS
 from test_token_stream import TOKENS, assert_arrives_token_by_token
 
 DEPLOY = ROOT / "deploy"
@@ -255,9 +256,20 @@ def test_nginx_site_keeps_metrics_to_loopback(nginx, proxied_relay):
 
 
 def test_nginx_site_waits_longer_than_the_relay_for_a_silent_upstream():
+    """Before the first byte the relay may try the upstream RELAY_RETRIES + 1 times, each up to its
+    connect and read timeouts, with up to RETRY_CAP_SECONDS between: nginx must not give up first."""
     text = (DEPLOY / "nginx.conf").read_text()
     [read_timeout] = re.findall(r"^\s*proxy_read_timeout (\d+)s;", text, flags=re.M)
-    assert int(read_timeout) > DEFAULTS.read_timeout > DEFAULTS.heartbeat_seconds
+    tries = DEFAULTS.retries + 1
+    relays_longest = tries * (DEFAULTS.connect_timeout + DEFAULTS.read_timeout) + DEFAULTS.retries * RETRY_CAP_SECONDS
+    assert int(read_timeout) > relays_longest > DEFAULTS.heartbeat_seconds
+
+
+def test_nginx_refuses_a_body_too_large_for_it_with_the_relays_json(nginx):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (3 << 20)}]}).encode()
+    result = nginx.request("POST", "/api/stream_chat_completion", body=body, headers={"Content-Type": "application/json"})
+    assert result.status == 413 and result.headers["content-type"].startswith("application/json"), result.text[:200]
+    assert result.json()["error"]["code"] == "payload_too_large"
 
 
 def unit_options(path: Path) -> dict[str, list[str]]:
