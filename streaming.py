@@ -95,9 +95,18 @@ class SSEDecoder:
         self._data_size = 0
         self._id: bytes | None = None
         self._lines: list[bytes] = []
+        self._error: ValueError | None = None
+
+    def check(self) -> None:
+        """Raises the ``ValueError`` of an over-long line or event that an earlier ``feed`` met."""
+        if self._error is not None:
+            raise self._error
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        """The events completed by ``chunk``; raises ``ValueError`` on an over-long line or event."""
+        """The events completed by ``chunk``. An over-long line or event ends the stream: the events
+        before it are returned (one may be the answer's end, [DONE]), and the next call raises
+        ``ValueError`` (a gzip body can hold both in one read)."""
+        self.check()
         if not chunk:
             return []
         if self._skip_lf:
@@ -119,12 +128,16 @@ class SSEDecoder:
             lines = data.split(b"\n")
         self._pending = lines.pop()
         if len(data) > self._max_line_bytes and max([len(self._pending), *map(len, lines)]) > self._max_line_bytes:
-            raise ValueError(f"upstream sent a line longer than {self._max_line_bytes} bytes")
+            self._error = ValueError(f"upstream sent a line longer than {self._max_line_bytes} bytes")
+            lines = lines[: next((i for i, line in enumerate(lines) if len(line) > self._max_line_bytes), len(lines))]
         events = []
-        for line in lines:
-            event = self._process_line(line)
-            if event is not None:
-                events.append(event)
+        try:
+            for line in lines:
+                event = self._process_line(line)
+                if event is not None:
+                    events.append(event)
+        except ValueError as error:  # an event larger than allowed
+            self._error = error
         return events
 
     def _process_line(self, line: bytes) -> ServerSentEvent | None:
@@ -205,6 +218,15 @@ def _truncated() -> RelayError:
     )
 
 
+def _writable(value) -> bool:
+    """Whether orjson can write ``value`` again: it reads JSON nested deeper than it writes (254)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
 def is_token_count(value) -> bool:
     """A token count an upstream reported that the relay can log and count: a whole number, not negative."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -258,8 +280,13 @@ class _Translator:
 
     def _note_usage(self, chunk: dict) -> None:
         usage = chunk.get("usage")
-        if usage and isinstance(usage, dict):  # anything else is no usage the relay can report
+        if usage and isinstance(usage, dict) and _writable(usage):  # else no usage the relay can report
             self.usage = usage
+
+    def _note_finish(self, choice: dict) -> None:
+        reason = choice.get("finish_reason")
+        if reason and isinstance(reason, str):  # anything else ends nothing (the contract's is a string)
+            self.finish_reason = reason
 
     @property
     def done(self) -> bool:
@@ -270,6 +297,8 @@ class _Translator:
         if event.data == b"[DONE]":
             self._saw_done = True
             return self._done(event)
+        if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
+            return b""
         try:
             if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
                 # A named event (`event: ping` with data) fails the answer only if it reports an error.
@@ -346,8 +375,7 @@ class TokenTranslator(_Translator):
         if not choices:
             return out
         choice = choices[0]
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
+        self._note_finish(choice)
         content = (choice.get("delta") or {}).get("content")
         if content is not None and not isinstance(content, str):
             raise _malformed("a chunk's delta.content is not a string")
@@ -390,8 +418,7 @@ class PassthroughTranslator(_Translator):
             self.model = chunk["model"]
         self._note_usage(chunk)
         for choice in chunk.get("choices") or ():
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+            self._note_finish(choice)
             if (choice.get("delta") or {}).get("content"):
                 self.token_count += 1
         return b"\n".join(event.lines) + b"\n\n"
@@ -868,6 +895,7 @@ class _Inflater:
     may hold the answer's end ([DONE]). Only compressed bodies pay for the copy this needs."""
 
     def __init__(self, wbits: int):
+        self._wbits = wbits
         self._zlib = zlib.decompressobj(wbits)
         self._error: zlib.error | None = None
 
@@ -879,13 +907,13 @@ class _Inflater:
         self.check()
         before = self._zlib.copy()
         try:
-            return self._zlib.decompress(data) + (self._zlib.flush() if final else b"")
+            return self._members(data) + (self._zlib.flush() if final else b"")
         except zlib.error:
             self._zlib = before
         out = []
         try:  # again, a byte at a time (a rare path): everything before the damaged byte comes out
             for start in range(len(data)):
-                out.append(self._zlib.decompress(data[start : start + 1]))
+                out.append(self._members(data[start : start + 1]))
             if final:
                 out.append(self._zlib.flush())
         except zlib.error as error:
@@ -893,6 +921,14 @@ class _Inflater:
                 raise
             self._error = error
         return b"".join(out)
+
+    def _members(self, data: bytes) -> bytes:
+        """Decoded ``data``; a gzip body may be several members one after another (RFC 1952)."""
+        out = self._zlib.decompress(data)
+        while self._zlib.eof and self._zlib.unused_data and self._wbits & 16:
+            rest, self._zlib = self._zlib.unused_data, zlib.decompressobj(self._wbits)
+            out += self._zlib.decompress(rest)
+        return out
 
 
 class _WaitingSocket:
@@ -1357,6 +1393,8 @@ class RelayStream(_Answer, _InterruptibleWait):
                     self._quiet_since = time.monotonic()
                 if error is not None:
                     raise error
+            if not translator.done:
+                decoder.check()  # an over-long line just before the body's end
             if chunk is not None:
                 body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
@@ -1455,6 +1493,8 @@ class ResumableStream(_Answer):
                     self._translate(events)
                     if translator.done:
                         self._done_at = time.monotonic()
+            if not translator.done:
+                decoder.check()  # an over-long line just before the body's end
             if chunk is not None:
                 body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:

@@ -193,7 +193,7 @@ def test_line_at_the_cap_is_accepted():
     assert datas(events) == [b"x" * 10], f"a line of exactly max_line_bytes should decode, got {events}"
 
 
-def test_over_long_line_raises_as_soon_as_it_passes_the_cap():
+def test_over_long_line_fails_the_stream_as_soon_as_it_passes_the_cap():
     cap = 16
     decoder = SSEDecoder(max_line_bytes=cap)
     decoder.feed(b"data: ok\n\n")
@@ -202,14 +202,27 @@ def test_over_long_line_raises_as_soon_as_it_passes_the_cap():
         for _ in range(10 * cap):
             decoder.feed(b"x")
             fed += 1
-    assert fed == cap, f"the decoder should raise on byte {cap + 1} of an unterminated line, not after {fed + 1}"
-
-
-def test_over_long_line_arriving_whole_in_one_read_raises():
-    decoder = SSEDecoder(max_line_bytes=16)
+            decoder.check()
+    assert fed == cap + 1, f"the line should fail on its byte {cap + 1}, not {fed}"
     with pytest.raises(ValueError):
-        events = decoder.feed(b"data: " + b"x" * 100 + b"\n\n")
-        pytest.fail(f"a 106-byte line with max_line_bytes=16 was accepted: {events}")
+        decoder.feed(b"\n\n")
+
+
+def test_over_long_line_arriving_whole_in_one_read_fails_the_stream():
+    decoder = SSEDecoder(max_line_bytes=16)
+    assert decoder.feed(b"data: " + b"x" * 100 + b"\n\n") == []
+    with pytest.raises(ValueError):
+        decoder.check()
+
+
+@pytest.mark.parametrize("too_long", [b"data: " + b"x" * 100 + b"\n\n", b"x" * 100, b"data: 0123456789\n" * 2])
+def test_events_before_an_over_long_line_or_event_in_the_same_read_come_first(too_long):
+    """A gzip read can hold the answer's end and more than a line's worth after it."""
+    decoder = SSEDecoder(max_line_bytes=16)
+    events = decoder.feed(b"data: a\n\ndata: [DONE]\n\n" + too_long)
+    assert datas(events) == [b"a", b"[DONE]"]
+    with pytest.raises(ValueError):
+        decoder.feed(b"data: b\n\n")
 
 
 # --- event and id fields -----------------------------------------------------------------------

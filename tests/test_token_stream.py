@@ -564,6 +564,18 @@ def test_chunks_that_carry_a_null_error_are_ordinary_chunks(relay, upstream, sse
     assert_whole_answer(relay.stream(upstream.script(stream_script(events)), sse=sse), sse)
 
 
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_an_over_long_line_after_done_in_the_same_gzip_read_changes_nothing(relay, upstream, sse):
+    """1 MB of one byte compresses to a few: one read can hold the answer's end and an over-long line."""
+
+    def script(conn):
+        conn.start(gzip_body=True)
+        conn.send(b"".join(sse_answer(TOKENS)) + b"x" * ((1 << 20) + 1))
+        conn.end()
+
+    assert_whole_answer(relay.stream(upstream.script(script), sse=sse), sse)
+
+
 def test_an_accept_with_a_parameter_still_asks_for_the_event_format(relay, upstream):
     result = relay.stream(upstream.script(stream_script(sse_answer(TOKENS))), headers={"Accept": "text/event-stream; charset=utf-8"})
     assert_whole_answer(result, sse=True)

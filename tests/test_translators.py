@@ -279,3 +279,36 @@ def test_sse_error_is_an_error_event_with_message_type_and_code():
     assert output.startswith(b"event: error\ndata: "), f"got {output!r}"
     expected = {"error": {"message": "The upstream went silent.", "type": "timeout_error", "code": "upstream_timeout"}}
     assert frames(output) == [("error", expected)]
+
+
+# --- what the upstream may put in odd places ---------------------------------------------------
+
+
+@ALL_TRANSLATORS
+@pytest.mark.parametrize("reason", [1, True, {"type": "stop"}, ["stop"]])
+def test_a_finish_reason_that_is_not_a_string_ends_nothing(make, reason):
+    """The contract's finish_reason is a string: another value is no end the relay can pass on."""
+    truncated = sse(chunk({"content": "a"}), chunk({}, reason), done=False)
+    assert "ended before" in raised_by(make(), truncated).message
+    translator = make()
+    translate(translator, sse(chunk({"content": "a"}), chunk({}, reason)))  # [DONE] still ends it
+    assert translator.finish_reason is None
+
+
+@ALL_TRANSLATORS
+def test_a_usage_nested_deeper_than_orjson_writes_is_no_usage(make):
+    """orjson reads 1024 levels and writes 254: the done event could not be written."""
+    deep = json.loads("[" * 300 + "]" * 300)
+    translator = make()
+    output = translate(translator, sse(chunk({"content": "a"}, "stop"), chunk(choices=[], usage={"deep": deep})))
+    assert translator.usage is None
+    if isinstance(translator, TokenTranslator) and translator.sse:
+        assert frames(output)[-1] == ("done", {"finish_reason": "stop", "usage": None})
+
+
+@ALL_TRANSLATORS
+def test_an_event_with_empty_data_is_skipped(make):
+    """`data:` alone is an event with nothing in it; the SDKs fail on one, so the passthrough drops it too."""
+    body = openai_stream()
+    with_empty = body.replace(b"\n\n", b"\n\ndata:\n\n", 2)
+    assert translate(make(), with_empty) == translate(make(), body)

@@ -319,3 +319,13 @@ def test_a_connection_to_an_ip_the_kernel_connects_at_once_does_not_wait_for_the
     assert results["name"]["peer"] == port, "a name is resolved (and waited for) as urllib3 does"
     assert results["refused"]["error"] == "NewConnectionError", results["refused"]
     assert "Connection refused" in results["refused"]["message"]
+
+
+def test_a_gzip_body_of_several_members_decodes_whole_at_every_split():
+    """RFC 1952 lets a gzip body be members one after another; the rest was dropped after the first."""
+    plain = [b"data: a\n\n", b"data: b\n\ndata: [DONE]\n\n"]
+    body = gzip.compress(plain[0]) + gzip.compress(plain[1])
+    for at in range(len(body) + 1):
+        inflater = _Inflater(16 + zlib.MAX_WBITS)
+        out = inflater.decompress(body[:at], final=False) + inflater.decompress(body[at:], final=True)
+        assert out == b"".join(plain), at
