@@ -396,6 +396,10 @@ class RedisResumeStore:
             # An ended answer's events are all there: wait for nothing (the caller may have them all).
             block = None if ended else max(1, int(min(wait, REDIS_BLOCK_SECONDS) * 1000))
             reply = self._redis.xread({events: f"0-{after}"}, block=block)
+            if ended and not reply and not self._redis.exists(events):
+                # The events expired between the two reads (both keys expire at the same second):
+                # the record is gone, and a clean end here would be one without `done` or `error`.
+                return Chunk([], after, False, False)
         except redis.RedisError:
             log.warning("Redis unavailable while following a resumed answer")
             gevent.sleep(min(wait, 1.0))  # often enough to notice FOLLOWER_OUTAGE_SECONDS on time

@@ -319,6 +319,23 @@ def test_the_first_write_of_an_answer_sets_its_events_expiry(redis_url):
         client.close()
 
 
+def test_a_record_whose_events_expired_just_before_its_info_reads_as_gone_not_as_ended(redis_url):
+    """Both keys expire at the same second; a resume between the two expiries got a clean, empty end."""
+    store = resume_store.RedisResumeStore(redis_url, linger_seconds=30, live_seconds=60)
+    stream_id = store.create("")
+    assert store.append(stream_id, [b"a", b"b"], end=True)
+    events, info = store._keys(stream_id)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert store.read(stream_id, 1, 0.1).ended  # the record as it stands: the rest, then its end
+        client.delete(events)  # as the events key's expiry lands first
+        chunk = store.read(stream_id, 1, 0.1)
+        assert not chunk.exists and not chunk.ended, chunk
+    finally:
+        client.delete(events, info)
+        client.close()
+
+
 def test_an_answer_interrupted_while_its_write_is_in_flight_waits_for_that_write_again(link, redis_url):
     store = resume_store.RedisResumeStore(f"redis://127.0.0.1:{link.port}/0", linger_seconds=30, live_seconds=60)
     stream_id = store.create("")
