@@ -23,6 +23,7 @@ import uuid
 from functools import partial
 from typing import Callable
 
+import gevent
 import orjson
 from flask import Flask, Response, g, request
 from flask_limiter.errors import RateLimitExceeded
@@ -31,7 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import metrics
-from errors import RelayError
+from errors import RedactingFilter, RelayError
 from guards import GUARDED_PREFIXES, RESUME_PREFIX, Guards, is_guarded
 from resume import (
     STREAM_ID,
@@ -203,7 +204,7 @@ def _register(app: Flask, settings: Settings) -> None:
 
     @app.post("/api/stream_chat_completion")
     def stream_chat_completion():
-        payload = _token_request(_json_body(), settings)
+        payload = _token_request(_json_body(settings), settings)
         sse = _wants_events()
         recording = _start_recording(relay) if sse and request.headers.get("X-Relay-Resumable") == "1" else None
         translator = TokenTranslator(sse=sse, stream_id=recording.stream_id if recording else None)
@@ -224,7 +225,7 @@ def _register(app: Flask, settings: Settings) -> None:
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        payload = _passthrough_request(_json_body(), settings)
+        payload = _passthrough_request(_json_body(settings), settings)
         if payload.get("stream") is True:
             return _relay_stream(relay, payload, PassthroughTranslator())
         call = partial(relay.upstream.request_json, "POST", "/chat/completions", payload)
@@ -244,10 +245,10 @@ def _register(app: Flask, settings: Settings) -> None:
 # --- request checks -------------------------------------------------------------------------
 
 
-def _json_body() -> dict:
+def _json_body(settings: Settings) -> dict:
     if request.mimetype != "application/json":
         raise RelayError(415, "unsupported_media_type", "The request body must be JSON (Content-Type: application/json).")
-    raw = _read_body(request.max_content_length)
+    raw = _read_body(request.max_content_length, settings.body_timeout)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -261,7 +262,7 @@ def _json_body() -> dict:
     return body
 
 
-def _read_body(limit: int) -> bytes:
+def _read_body(limit: int, timeout: float) -> bytes:
     """The request body, or 413 when it is longer than ``limit``, whether or not it came with a length.
 
     werkzeug checks a Content-Length, but cuts a chunked body at the limit without a word, and a cut
@@ -269,9 +270,17 @@ def _read_body(limit: int) -> bytes:
     """
     environ = request.environ
     try:
-        if request.content_length is not None or not environ.get("wsgi.input_terminated"):
-            return request.get_data(cache=False)
-        raw = environ["wsgi.input"].read(limit + 1)
+        with gevent.Timeout(timeout):
+            if request.content_length is not None or not environ.get("wsgi.input_terminated"):
+                return request.get_data(cache=False)
+            raw = environ["wsgi.input"].read(limit + 1)
+    except gevent.Timeout:
+        # gunicorn would go on reading the rest of the body, for the connection's next request, with
+        # no deadline: a caller trickling bytes would hold the connection (and its slot) for good.
+        client_socket = environ.get("gunicorn.socket")
+        if client_socket is not None:
+            client_socket.shutdown(socket.SHUT_RD)
+        raise RelayError(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.") from None
     except (OSError, ParseException) as exc:  # gunicorn refused the chunk framing, or the caller left mid-body
         raise RelayError(400, "invalid_request", f"The request body could not be read: {exc}.") from None
     if len(raw) > limit:
@@ -663,6 +672,9 @@ def _connection_aborter() -> Callable[[], None]:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+            handler.addFilter(RedactingFilter())
     if not access_log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -716,8 +728,6 @@ if __name__ == "__main__":
         (dev_settings.host, dev_settings.port), create_app(dev_settings), handler_class=_Handler, log=None
     )
     print(f"chat-relay (development server) on http://{dev_settings.host}:{dev_settings.port}", file=sys.stderr)
-    import gevent
-
     gevent.get_hub().NOT_ERROR += (KeyboardInterrupt,)  # Ctrl-C is how it stops: gevent need not print it
     try:
         server.serve_forever()

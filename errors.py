@@ -6,6 +6,7 @@ once. This module also redacts secrets from upstream messages; it knows nothing 
 
 from __future__ import annotations
 
+import logging
 import re
 
 import orjson
@@ -92,3 +93,19 @@ def redact(text: str) -> str:
     for secret in _secrets:
         text = text.replace(secret, "[redacted]")
     return _KEY_LIKE.sub("[redacted]", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts every record a handler writes, other libraries' too: urllib3 logs a malformed upstream
+    header line as it came, and an upstream may echo the key in one. A library's traceback is
+    dropped (its message says what happened); the relay's own is kept, redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if redact(message) != message:
+            record.msg, record.args = redact(message), ()
+        if record.exc_info and record.exc_info[1] is not None:
+            if record.name.startswith("chat_relay"):
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True

@@ -50,6 +50,7 @@ class Settings:
     read_timeout: float = 120.0
     retries: int = 2
     heartbeat_seconds: float = 15.0
+    body_timeout: float = 30.0
     graceful_timeout: float = 30.0
     resume_seconds: float = 0.0
     log_level: str = "INFO"
@@ -85,37 +86,43 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "No upstream configured: set OPENAI_API_KEY (live mode, optionally OPENAI_BASE_URL) "
             "or RELAY_DEMO=1 (demo mode, no key needed)"
         )
-    models = env.csv("RELAY_MODELS", "model", "model names, or leave it unset to allow any model")
-    return Settings(
-        api_key=None if demo else api_key,
-        base_url=env.url("OPENAI_BASE_URL", DEFAULT_BASE_URL),
-        ca_bundle=env.ca_bundle("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"),
-        demo=demo,
-        models=models,
-        default_model=_allowed_default_model(env.text("RELAY_DEFAULT_MODEL"), models),
-        max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
-        max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
-        allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
-        access_tokens=env.csv(
-            "RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay", blank_is_unset=False
-        ),
-        rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
-        max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
-        redis_url=env.redis_url("REDIS_URL"),
-        trusted_proxies=env.integer("RELAY_TRUSTED_PROXIES", 0, minimum=0),
-        connect_timeout=env.seconds("RELAY_CONNECT_TIMEOUT", 5.0),
-        read_timeout=env.seconds("RELAY_READ_TIMEOUT", 120.0, minimum=MIN_CLOCK_SECONDS),
-        retries=env.integer("RELAY_RETRIES", 2, minimum=0, maximum=10),
-        heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0, minimum=MIN_CLOCK_SECONDS),
-        graceful_timeout=env.seconds("RELAY_GRACEFUL_TIMEOUT", 30.0),
-        resume_seconds=env.seconds("RELAY_RESUME_SECONDS", 0.0, allow_zero=True),
-        log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
-        host=env.host("HOST", "0.0.0.0"),
-        port=env.integer("PORT", 8000, minimum=0, maximum=65535),
-        web_concurrency=env.integer("WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
-        worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
-        metrics_dir=env.writable_dir("PROMETHEUS_MULTIPROC_DIR"),
-    )
+    try:
+        models = env.csv("RELAY_MODELS", "model", "model names, or leave it unset to allow any model")
+        return Settings(
+            api_key=None if demo else api_key,
+            base_url=env.url("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+            ca_bundle=env.ca_bundle("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"),
+            demo=demo,
+            models=models,
+            default_model=_allowed_default_model(env.text("RELAY_DEFAULT_MODEL"), models),
+            max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
+            max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
+            access_tokens=env.csv(
+                "RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay", blank_is_unset=False
+            ),
+            rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
+            max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
+            redis_url=env.redis_url("REDIS_URL"),
+            trusted_proxies=env.integer("RELAY_TRUSTED_PROXIES", 0, minimum=0),
+            connect_timeout=env.seconds("RELAY_CONNECT_TIMEOUT", 5.0),
+            read_timeout=env.seconds("RELAY_READ_TIMEOUT", 120.0, minimum=MIN_CLOCK_SECONDS),
+            retries=env.integer("RELAY_RETRIES", 2, minimum=0, maximum=10),
+            heartbeat_seconds=env.seconds("RELAY_HEARTBEAT_SECONDS", 15.0, minimum=MIN_CLOCK_SECONDS),
+            body_timeout=env.seconds("RELAY_BODY_TIMEOUT", 30.0, minimum=MIN_CLOCK_SECONDS),
+            graceful_timeout=env.seconds("RELAY_GRACEFUL_TIMEOUT", 30.0),
+            resume_seconds=env.seconds("RELAY_RESUME_SECONDS", 0.0, allow_zero=True),
+            log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+            host=env.host("HOST", "0.0.0.0"),
+            port=env.integer("PORT", 8000, minimum=0, maximum=65535),
+            web_concurrency=env.integer("WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
+            worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
+            metrics_dir=env.writable_dir("PROMETHEUS_MULTIPROC_DIR"),
+        )
+    except SettingsError as error:  # a value that holds the key (OPENAI_BASE_URL and the key swapped) is not printed
+        if api_key and len(api_key) >= 8 and api_key in str(error):  # (a dummy key like "x" is no secret)
+            raise SettingsError(str(error).replace(api_key, "[redacted]")) from None
+        raise
 
 
 class _Env:

@@ -489,6 +489,8 @@ class UpstreamClient:
             document = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise _malformed("the body is not JSON") from None
+        if not isinstance(document, dict):  # a completion, a list of models: an object, not `0`
+            raise _malformed("the body is not a JSON object")
         return response.status_code, content, document
 
     def _prepare(self, method: str, path: str, body: bytes | None, accept: str) -> requests.PreparedRequest:

@@ -378,6 +378,10 @@ def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upst
             lambda conn: conn.json_response(500, echo_key),
             stream_script([sse_answer(["a"])[0], f'data: {{"error": {{"message": "{UPSTREAM_KEY}"}}}}\n\n'.encode()]),
             stream_script(sse_answer(["cut"], done=False)[:2]),
+            lambda conn: conn.send_raw(  # a header line without a colon, which urllib3 logs as it came
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nBad Header " + UPSTREAM_KEY.encode()
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
         ]
         bodies = []
         for script in scripts:

@@ -177,3 +177,11 @@ def test_streaming_through_the_node_sdk(relay, upstream):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"text": "Node says hi", "chunks": 5}
+
+
+@pytest.mark.parametrize("body", [0, [], "a string", None])
+def test_a_non_streaming_answer_that_is_not_a_json_object_is_a_malformed_reply(relay, upstream, body):
+    """A completion is an object; `0` is what a body cut by a broken header section can read as."""
+    model = upstream.script(lambda conn: conn.json_response(200, body))
+    result = relay.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    assert result.status == 502 and result.json()["error"]["code"] == "upstream_error", result.body

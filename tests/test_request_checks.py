@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import time
 
 import pytest
 
@@ -301,3 +302,22 @@ def test_a_request_the_server_cannot_parse_gets_a_json_error_too(relay, request_
     logged = [line for line in relay.wait_access_line(None, request_id=request_id[1].decode())]
     assert logged and logged[0]["status"] == status and logged[0]["outcome"] == "rejected", logged
     assert relay.request("GET", "/healthz").status == 200, "the relay goes on serving"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_that_trickles_in_is_408_and_its_connection_closed(relay_factory, framing):
+    """Without a deadline a caller sending a byte now and then held its connection, and a worker's
+    slot, for as long as it liked (nginx buffers bodies; a relay reached directly does not)."""
+    relay = relay_factory(RELAY_BODY_TIMEOUT="0.5")
+    head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += "Content-Length: 1000\r\n\r\n" if framing == "length" else "Transfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(head.encode() + (b'{"model": ' if framing == "length" else b'9\r\n{"model":\r\n'))
+        started, answer = time.monotonic(), b""
+        while chunk := sock.recv(65536):  # ends when the relay closes the connection
+            answer += chunk
+        waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout", answer
+    assert 0.4 < waited < 5, waited
+    assert relay.request("GET", "/healthz").status == 200

@@ -285,3 +285,12 @@ def test_each_worker_tunes_the_garbage_collector_after_importing_the_app(tmp_pat
     assert frozen_app, "frozen after the app was imported, so the app's own objects are among the frozen"
     assert frozen > 10_000, f"only {frozen} objects frozen"
     assert threshold == [10_000, *gc.get_threshold()[1:]], "young passes every 10,000 allocations, older as Python has them"
+
+
+@pytest.mark.parametrize("base_url", ["{key}", "https://api.example.com/v1?key={key}", "ftp://{key}@x/v1"])
+def test_a_refused_setting_that_holds_the_key_does_not_print_it(base_url):
+    """OPENAI_BASE_URL and OPENAI_API_KEY swapped, or the key pasted into the URL: the line goes to the journal."""
+    key = "sk-startup-SECRET-0123456789"
+    with pytest.raises(SettingsError) as refused:
+        load_settings({**BASE, "OPENAI_API_KEY": key, "OPENAI_BASE_URL": base_url.format(key=key)})
+    assert "OPENAI_BASE_URL" in str(refused.value) and key not in str(refused.value), str(refused.value)
