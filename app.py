@@ -275,11 +275,12 @@ def _read_body(limit: int, timeout: float) -> bytes:
                 return request.get_data(cache=False)
             raw = environ["wsgi.input"].read(limit + 1)
     except gevent.Timeout:
-        # gunicorn would go on reading the rest of the body, for the connection's next request, with
-        # no deadline: a caller trickling bytes would hold the connection (and its slot) for good.
-        client_socket = environ.get("gunicorn.socket")
-        if client_socket is not None:
-            client_socket.shutdown(socket.SHUT_RD)
+        # gunicorn would go on reading the rest of the body, for the connection's next request, for
+        # as long as bytes trickle in: a caller would hold the connection (and its slot) for good.
+        try:
+            environ["gunicorn.socket"].shutdown(socket.SHUT_RD)
+        except (KeyError, OSError):  # another server; or the caller has gone already
+            pass
         raise RelayError(408, "request_timeout", f"The request body did not arrive within {timeout:g} s.") from None
     except (OSError, ParseException) as exc:  # gunicorn refused the chunk framing, or the caller left mid-body
         raise RelayError(400, "invalid_request", f"The request body could not be read: {exc}.") from None

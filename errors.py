@@ -101,7 +101,10 @@ class RedactingFilter(logging.Filter):
     dropped (its message says what happened); the relay's own is kept, redacted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format call: the handler reports it as a logging error, as it would unfiltered
+            return True
         if redact(message) != message:
             record.msg, record.args = redact(message), ()
         if record.exc_info and record.exc_info[1] is not None:

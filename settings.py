@@ -18,6 +18,8 @@ import idna
 import limits
 from dotenv import load_dotenv
 
+from errors import redact
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # The shortest read timeout or heartbeat: the stream watch ticks at half of it, and a tick of a
 # nanosecond would spin the worker (RELAY_HEARTBEAT_SECONDS=1e-9 sent 25,000 pings a second).
@@ -119,9 +121,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             worker_connections=env.integer("RELAY_WORKER_CONNECTIONS", 2000, minimum=1),
             metrics_dir=env.writable_dir("PROMETHEUS_MULTIPROC_DIR"),
         )
-    except SettingsError as error:  # a value that holds the key (OPENAI_BASE_URL and the key swapped) is not printed
-        if api_key and len(api_key) >= 8 and api_key in str(error):  # (a dummy key like "x" is no secret)
-            raise SettingsError(str(error).replace(api_key, "[redacted]")) from None
+    except SettingsError as error:  # a value that holds a key (OPENAI_BASE_URL and the key swapped) is not printed
+        message = str(error)
+        if api_key and len(api_key) >= 8:  # (a dummy key like "x" is no secret)
+            message = message.replace(api_key, "[redacted]")
+        if redact(message) != str(error):
+            raise SettingsError(redact(message)) from None
         raise
 
 

@@ -280,7 +280,7 @@ class _Translator:
 
     def _note_usage(self, chunk: dict) -> None:
         usage = chunk.get("usage")
-        if usage and isinstance(usage, dict) and _writable(usage):  # else no usage the relay can report
+        if usage and isinstance(usage, dict) and _writable({"usage": usage}):  # as the done event holds it
             self.usage = usage
 
     def _note_finish(self, choice: dict) -> None:
@@ -297,8 +297,6 @@ class _Translator:
         if event.data == b"[DONE]":
             self._saw_done = True
             return self._done(event)
-        if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
-            return b""
         try:
             if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
                 # A named event (`event: ping` with data) fails the answer only if it reports an error.
@@ -306,6 +304,8 @@ class _Translator:
                 if error is not None:
                     raise error
                 return self._named(event)
+            if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
+                return b""
             return self._chunk(_parse_chunk(event.data), event)
         except (AttributeError, TypeError, KeyError, IndexError):
             raise _malformed("a chunk does not have the chat.completion.chunk shape") from None
@@ -927,10 +927,10 @@ class _Inflater:
     def _members(self, data: bytes) -> bytes:
         """Decoded ``data``; a gzip body may be several members one after another (RFC 1952)."""
         out = self._zlib.decompress(data)
-        while self._zlib.eof and self._zlib.unused_data and self._wbits & 16:
+        while self._zlib.eof and self._zlib.unused_data[:2] == b"\x1f\x8b" and self._wbits & 16:
             rest, self._zlib = self._zlib.unused_data, zlib.decompressobj(self._wbits)
             out += self._zlib.decompress(rest)
-        return out
+        return out  # bytes after the last member that start none (padding) are ignored, as before
 
 
 class _WaitingSocket:
@@ -1383,20 +1383,19 @@ class RelayStream(_Answer, _InterruptibleWait):
                 if translator.done:
                     continue  # only the body's end is awaited: the connection may then be reused
                 events = decoder.feed(chunk)
-                if not events:
-                    continue
-                out, error = _translate(translator, events)
-                if translator.done:
-                    self._done_at = now
-                if out is not None and (out or self.first_event_at is None):
-                    if self.first_event_at is None:
-                        self.first_event_at = now  # the first output commits the response, even empty
-                    yield out
-                    self._quiet_since = time.monotonic()
-                if error is not None:
-                    raise error
-            if not translator.done:
-                decoder.check()  # an over-long line just before the body's end
+                if events:
+                    out, error = _translate(translator, events)
+                    if translator.done:
+                        self._done_at = now
+                    if out is not None and (out or self.first_event_at is None):
+                        if self.first_event_at is None:
+                            self.first_event_at = now  # the first output commits the response, even empty
+                        yield out
+                        self._quiet_since = time.monotonic()
+                    if error is not None:
+                        raise error
+                if not translator.done:
+                    decoder.check()  # an over-long line after this read's events, unless they ended the answer
             if chunk is not None:
                 body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:
@@ -1495,8 +1494,8 @@ class ResumableStream(_Answer):
                     self._translate(events)
                     if translator.done:
                         self._done_at = time.monotonic()
-            if not translator.done:
-                decoder.check()  # an over-long line just before the body's end
+                if not translator.done:
+                    decoder.check()  # an over-long line after this read's events, unless they ended the answer
             if chunk is not None:
                 body.finish()  # the body was read to its end: the connection can be reused
             if self.first_event_at is None:

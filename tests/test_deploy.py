@@ -257,11 +257,14 @@ def test_nginx_site_keeps_metrics_to_loopback(nginx, proxied_relay):
 
 def test_nginx_site_waits_longer_than_the_relay_for_a_silent_upstream():
     """Before the first byte the relay may try the upstream RELAY_RETRIES + 1 times, each up to its
-    connect and read timeouts, with up to RETRY_CAP_SECONDS between: nginx must not give up first."""
+    connect and read timeouts, with up to RETRY_CAP_SECONDS between, then wait a read timeout more for
+    the first event: nginx must not give up first."""
     text = (DEPLOY / "nginx.conf").read_text()
     [read_timeout] = re.findall(r"^\s*proxy_read_timeout (\d+)s;", text, flags=re.M)
     tries = DEFAULTS.retries + 1
-    relays_longest = tries * (DEFAULTS.connect_timeout + DEFAULTS.read_timeout) + DEFAULTS.retries * RETRY_CAP_SECONDS
+    relays_longest = (
+        tries * (DEFAULTS.connect_timeout + DEFAULTS.read_timeout) + DEFAULTS.retries * RETRY_CAP_SECONDS + DEFAULTS.read_timeout
+    )
     assert int(read_timeout) > relays_longest > DEFAULTS.heartbeat_seconds
 
 

@@ -366,6 +366,28 @@ def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):
 # --- logs and secrets ----------------------------------------------------------------------------
 
 
+def test_the_redacting_log_filter_leaves_a_bad_format_call_to_the_handler_to_report():
+    """A filter runs outside the handler's own guard: raising there would break the code that logged."""
+    import io
+    import logging
+
+    from errors import RedactingFilter, register_secret
+
+    register_secret("sk-filter-SECRET-0123456789")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.redacting_filter")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("%s %s", 1)  # one argument short: logging prints its own error, and goes on
+        logger.warning("echoed: %s", "sk-filter-SECRET-0123456789")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "echoed: [redacted]\n"
+
+
 def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upstream):
     relay = relay_factory(fresh=True, RELAY_ACCESS_TOKENS=TOKENS, RELAY_RETRIES="1", LOG_LEVEL="DEBUG")
     try:

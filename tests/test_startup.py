@@ -287,10 +287,20 @@ def test_each_worker_tunes_the_garbage_collector_after_importing_the_app(tmp_pat
     assert threshold == [10_000, *gc.get_threshold()[1:]], "young passes every 10,000 allocations, older as Python has them"
 
 
-@pytest.mark.parametrize("base_url", ["{key}", "https://api.example.com/v1?key={key}", "ftp://{key}@x/v1"])
-def test_a_refused_setting_that_holds_the_key_does_not_print_it(base_url):
-    """OPENAI_BASE_URL and OPENAI_API_KEY swapped, or the key pasted into the URL: the line goes to the journal."""
+@pytest.mark.parametrize(
+    "api_key, base_url",
+    [
+        ("https://api.openai.com/v1", "{key}"),  # the two swapped
+        ("{key}", "https://api.example.com/v1?key={key}"),  # the key pasted into the URL as well
+        ("not-a-key-shape-0123456789", "https://x/v1?token=not-a-key-shape-0123456789"),
+        ("{key}", "ftp://{key}@x/v1"),
+    ],
+)
+def test_a_refused_setting_that_holds_the_key_does_not_print_it(api_key, base_url):
+    """The line goes to the journal."""
     key = "sk-startup-SECRET-0123456789"
+    environ = {**BASE, "OPENAI_API_KEY": api_key.format(key=key), "OPENAI_BASE_URL": base_url.format(key=key)}
     with pytest.raises(SettingsError) as refused:
-        load_settings({**BASE, "OPENAI_API_KEY": key, "OPENAI_BASE_URL": base_url.format(key=key)})
-    assert "OPENAI_BASE_URL" in str(refused.value) and key not in str(refused.value), str(refused.value)
+        load_settings(environ)
+    message = str(refused.value)
+    assert "OPENAI_BASE_URL" in message and key not in message and "not-a-key-shape" not in message, message

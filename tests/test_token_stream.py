@@ -576,6 +576,19 @@ def test_an_over_long_line_after_done_in_the_same_gzip_read_changes_nothing(rela
     assert_whole_answer(relay.stream(upstream.script(script), sse=sse), sse)
 
 
+def test_an_over_long_line_fails_the_answer_at_once_though_the_upstream_then_goes_quiet(relay, upstream):
+    def script(conn):
+        conn.start()
+        conn.send(sse_answer(TOKENS)[0] + b"data: " + b"x" * (1 << 20) + b"\n")
+        conn.sleep_unless_hangup(10)
+
+    started = time.monotonic()
+    result = relay.stream(upstream.script(script), sse=True)
+    kind, data = parse_sse(result.body)[-1]
+    assert kind == "error" and "longer than" in json.loads(data)["error"]["message"], result.body[-300:]
+    assert time.monotonic() - started < 5, "it waited for a read that never came"
+
+
 def test_an_accept_with_a_parameter_still_asks_for_the_event_format(relay, upstream):
     result = relay.stream(upstream.script(stream_script(sse_answer(TOKENS))), headers={"Accept": "text/event-stream; charset=utf-8"})
     assert_whole_answer(result, sse=True)

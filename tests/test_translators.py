@@ -296,9 +296,10 @@ def test_a_finish_reason_that_is_not_a_string_ends_nothing(make, reason):
 
 
 @ALL_TRANSLATORS
-def test_a_usage_nested_deeper_than_orjson_writes_is_no_usage(make):
-    """orjson reads 1024 levels and writes 254: the done event could not be written."""
-    deep = json.loads("[" * 300 + "]" * 300)
+@pytest.mark.parametrize("depth", [253, 254, 300])
+def test_a_usage_nested_deeper_than_orjson_writes_is_no_usage(make, depth):
+    """orjson reads 1024 levels and writes 254: the done event, one level above the usage, could not be written."""
+    deep = json.loads("[" * depth + "]" * depth)
     translator = make()
     output = translate(translator, sse(chunk({"content": "a"}, "stop"), chunk(choices=[], usage={"deep": deep})))
     assert translator.usage is None
@@ -312,3 +313,10 @@ def test_an_event_with_empty_data_is_skipped(make):
     body = openai_stream()
     with_empty = body.replace(b"\n\n", b"\n\ndata:\n\n", 2)
     assert translate(make(), with_empty) == translate(make(), body)
+
+
+
+@ALL_TRANSLATORS
+def test_an_error_event_with_empty_data_still_fails_the_answer(make):
+    with pytest.raises(RelayError):
+        translate(make(), sse(chunk({"content": "a"}), done=False) + b"event: error\ndata:\n\n" + sse(chunk({}, "stop")))

@@ -329,3 +329,10 @@ def test_a_gzip_body_of_several_members_decodes_whole_at_every_split():
         inflater = _Inflater(16 + zlib.MAX_WBITS)
         out = inflater.decompress(body[:at], final=False) + inflater.decompress(body[at:], final=True)
         assert out == b"".join(plain), at
+
+
+
+def test_bytes_after_the_last_gzip_member_that_start_no_member_are_ignored():
+    inflater = _Inflater(16 + zlib.MAX_WBITS)
+    assert inflater.decompress(gzip.compress(b"data: [DONE]\n\n") + b"\0" * 8, final=True) == b"data: [DONE]\n\n"
+    inflater.check()
