@@ -305,7 +305,7 @@ def test_a_request_the_server_cannot_parse_gets_a_json_error_too(relay, request_
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-def test_a_body_that_trickles_in_is_408_and_its_connection_closed(relay_factory, framing):
+def test_a_body_that_does_not_arrive_in_time_is_408_and_its_connection_closed(relay_factory, framing):
     """Without a deadline a caller sending a byte now and then held its connection, and a worker's
     slot, for as long as it liked (nginx buffers bodies; a relay reached directly does not)."""
     relay = relay_factory(RELAY_BODY_TIMEOUT="0.5")
@@ -319,5 +319,6 @@ def test_a_body_that_trickles_in_is_408_and_its_connection_closed(relay_factory,
         waited = time.monotonic() - started
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout", answer
+    assert json.loads(body)["error"]["type"] == "timeout_error"
     assert 0.4 < waited < 5, waited
     assert relay.request("GET", "/healthz").status == 200
