@@ -244,12 +244,15 @@ def _parse_chunk(data: bytes) -> dict:
     return chunk
 
 
-def _named_event_error(event: ServerSentEvent) -> RelayError | None:
-    """The failure a named event reports: ``event: error``, or any with an ``error`` in its JSON data."""
+def _json_or_none(data: bytes):
     try:
-        data = orjson.loads(event.data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        data = None
+        return None
+
+
+def _named_event_error(event: ServerSentEvent, data) -> RelayError | None:
+    """The failure a named event reports: ``event: error``, or any with an ``error`` in its JSON ``data``."""
     if isinstance(data, dict) and data.get("error"):
         return _upstream_event_error(data["error"])
     if event.event == b"error":
@@ -300,10 +303,11 @@ class _Translator:
         try:
             if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
                 # A named event (`event: ping` with data) fails the answer only if it reports an error.
-                error = _named_event_error(event)
+                data = _json_or_none(event.data)
+                error = _named_event_error(event, data)
                 if error is not None:
                     raise error
-                return self._named(event)
+                return self._named(event, data)
             if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
                 return b""
             return self._chunk(_parse_chunk(event.data), event)
@@ -321,7 +325,8 @@ class _Translator:
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         raise NotImplementedError
 
-    def _named(self, event: ServerSentEvent) -> bytes:
+    def _named(self, event: ServerSentEvent, data) -> bytes:
+        """The output for a named event that reports no error; ``data`` is its JSON, or None."""
         raise NotImplementedError
 
 
@@ -358,7 +363,7 @@ class TokenTranslator(_Translator):
     def _done(self, event: ServerSentEvent) -> bytes:
         return b""
 
-    def _named(self, event: ServerSentEvent) -> bytes:
+    def _named(self, event: ServerSentEvent, data) -> bytes:
         return b""  # no chat chunk: not the answer's meta, not a token
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
@@ -404,14 +409,10 @@ class PassthroughTranslator(_Translator):
     def _done(self, event: ServerSentEvent) -> bytes:
         return b"\n".join(event.lines) + b"\n\n"
 
-    def _named(self, event: ServerSentEvent) -> bytes:
+    def _named(self, event: ServerSentEvent, data) -> bytes:
         """Passed on as a chunk when its data is a JSON object, as the SDKs read every event; dropped
         when it is not, as a block without data is: they would fail on it."""
-        try:
-            chunk = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return b""
-        return self._chunk(chunk, event) if isinstance(chunk, dict) else b""
+        return self._chunk(data, event) if isinstance(data, dict) else b""
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         if self.model is None and isinstance(chunk.get("model"), str):
