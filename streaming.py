@@ -78,7 +78,19 @@ class ServerSentEvent:
         return f"ServerSentEvent(event={self.event!r}, data={self.data!r})"
 
 
-class SSEDecoder:
+class _FailsLater:
+    """A decoder that, meeting damage, first returns what it decoded before it (which may hold the
+    answer's end, [DONE]) and raises the damage's error at its next call, or at ``check``."""
+
+    _error: Exception | None = None
+
+    def check(self) -> None:
+        """Raises the error of damage an earlier call met, if there was any."""
+        if self._error is not None:
+            raise self._error
+
+
+class SSEDecoder(_FailsLater):
     """Turns a byte stream into events as the WHATWG spec says, whatever the network's splits.
 
     Lines are framed on bytes (CR, LF or CRLF; a CRLF split across reads is one line end), so
@@ -95,12 +107,6 @@ class SSEDecoder:
         self._data_size = 0
         self._id: bytes | None = None
         self._lines: list[bytes] = []
-        self._error: ValueError | None = None
-
-    def check(self) -> None:
-        """Raises the ``ValueError`` of an over-long line or event that an earlier ``feed`` met."""
-        if self._error is not None:
-            raise self._error
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """The events completed by ``chunk``. An over-long line or event ends the stream: the events
@@ -824,7 +830,7 @@ class BadFraming(urllib3.exceptions.ProtocolError):
     """The upstream's chunked body is malformed: a broken reply, not a broken connection."""
 
 
-class ChunkedDecoder:
+class ChunkedDecoder(_FailsLater):
     """Decodes an HTTP/1.1 chunked body incrementally: bytes in, payload bytes out (RFC 9112 7.1).
 
     ``done`` turns true once the last chunk and its trailer section have been consumed exactly,
@@ -836,12 +842,6 @@ class ChunkedDecoder:
         self._pending = b""
         self._left = 0  # payload bytes still due in the current chunk
         self._state = "size"  # size, data, crlf, trailer
-        self._error: BadFraming | None = None
-
-    def check(self) -> None:
-        """Raise the framing error found after the payload ``feed`` last returned, if there was one."""
-        if self._error is not None:
-            raise self._error
 
     def feed(self, data: bytes) -> bytes:
         """The payload in ``data``. Bad framing raises BadFraming, but only once the payload decoded
@@ -892,19 +892,13 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
-class _Inflater:
-    """gzip or deflate decoding that, like ChunkedDecoder, returns what it decoded before damaged
-    bytes and raises on the next call: zlib drops a whole call's output on an error, and that output
-    may hold the answer's end ([DONE]). Only compressed bodies pay for the copy this needs."""
+class _Inflater(_FailsLater):
+    """gzip or deflate decoding that returns what it decoded before damaged bytes and raises later:
+    zlib drops a whole call's output on an error. Only compressed bodies pay for the copy this needs."""
 
     def __init__(self, wbits: int):
         self._wbits = wbits
         self._zlib = zlib.decompressobj(wbits)
-        self._error: zlib.error | None = None
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise self._error
 
     def decompress(self, data: bytes, final: bool) -> bytes:
         self.check()
