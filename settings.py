@@ -82,6 +82,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = _Env(environ)
     demo = env.flag("RELAY_DEMO")
     api_key = env.text("OPENAI_API_KEY")
+    _check_api_key(None if demo else api_key)  # demo mode never sends it
     base_url_given = env.text("OPENAI_BASE_URL")
     if not demo and not api_key and not base_url_given:
         raise SettingsError(
@@ -128,6 +129,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if redact(message) != str(error):
             raise SettingsError(redact(message)) from None
         raise
+
+
+def _check_api_key(api_key: str | None) -> None:
+    """A key that cannot go in a header line (a line break pasted in the middle, a space, a curly
+    quote) would fail every request with a 502: refused here, naming where, never showing the key."""
+    if api_key is None:
+        return
+    for position, char in enumerate(api_key, 1):
+        if not "!" <= char <= "~":
+            raise SettingsError(
+                f"OPENAI_API_KEY: character {position} of {len(api_key)} is {_character_kind(char)}; "
+                "an API key is one word of printable ASCII (was a line break or a space pasted in?)"
+            )
+
+
+def _character_kind(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    if char.isspace():
+        return "a space"
+    return "a control character" if ord(char) < 0x20 or ord(char) == 0x7F else "not ASCII"
 
 
 class _Env:

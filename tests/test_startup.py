@@ -67,6 +67,7 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("OPENAI_BASE_URL", "http://☃.example/v1"),  # Python's IDNA 2003 codec takes it, requests would not
         ("RELAY_HEARTBEAT_SECONDS", "1e-9"),  # the watch would tick every half nanosecond
         ("RELAY_READ_TIMEOUT", "0.01"),
+        ("OPENAI_API_KEY", "sk-one-half\r\nsk-other-half"),  # requests would refuse the header: 502 each time
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_naming_it(name, value):
@@ -304,3 +305,17 @@ def test_a_refused_setting_that_holds_the_key_does_not_print_it(api_key, base_ur
         load_settings(environ)
     message = str(refused.value)
     assert "OPENAI_BASE_URL" in message and key not in message and "not-a-key-shape" not in message, message
+
+
+@pytest.mark.parametrize("pasted", ["\n", "\r\n", " ", "\t", "\x00", "\u201d", "\u00a0"])
+def test_a_key_that_cannot_go_in_a_header_is_refused_without_showing_it(pasted):
+    """requests refuses such a header value, so every request would fail with 502 upstream_error; and
+    its exception repeats the value, key and all."""
+    key = f"sk-first-part-0123456789{pasted}second-part-abcdef"
+    with pytest.raises(SettingsError) as refused:
+        load_settings({**BASE, "OPENAI_API_KEY": key})
+    message = str(refused.value)
+    assert "OPENAI_API_KEY" in message and "character 25 of" in message, message
+    assert "first-part" not in message and "second-part" not in message, message
+    assert load_settings({**BASE, "OPENAI_API_KEY": f" {key.replace(pasted, '-')}\n"}).api_key == key.replace(pasted, "-")
+    assert load_settings({"RELAY_DEMO": "1", "OPENAI_API_KEY": key}).demo, "demo mode sends no key"
