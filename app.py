@@ -13,7 +13,6 @@ if __name__ == "__main__":  # the development server: patch before anything impo
 
 import json
 import logging
-import math
 import re
 import socket
 import struct
@@ -252,11 +251,13 @@ def _json_body(settings: Settings) -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        body = _with_lone_surrogates_replaced(raw) if "surrogate" in str(exc) else None
-        if body is None:
+        if "surrogate" in str(exc):
+            raw = _lone_surrogates_replaced(raw)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise RelayError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
-    else:
-        _refuse_what_orjson_cannot_carry(raw, body)
+    _refuse_what_orjson_cannot_carry(raw, body)
     if not isinstance(body, dict):
         raise RelayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
@@ -321,41 +322,32 @@ def _int64(text: str) -> int:
     return number
 
 
-def _with_lone_surrogates_replaced(raw: bytes):
-    """The body, when orjson refused it only for a lone surrogate escape, each one made U+FFFD.
+# A backslash pair (skipped, so that what follows it is never read as an escape), a surrogate pair,
+# or a lone half: only the lone halves are replaced.
+_SURROGATE_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?|\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_LONE_HALF_LENGTH = len(rb"\ud83d")
+
+
+def _lone_surrogates_replaced(raw: bytes) -> bytes:
+    """The body with each lone surrogate escape made ``\\ufffd``.
 
     JavaScript strings are UTF-16: one cut inside an emoji (a message truncated by length) keeps half
     of it, and JSON.stringify writes that half as an escape such as \\ud83d. That is valid JSON, but
-    no UTF-8 text, so neither orjson nor the upstream could take it as it is. None: not JSON in
-    UTF-8, or nothing orjson could carry either.
+    no UTF-8 text, so neither orjson nor the upstream could take it as it is. Replacing the escapes
+    in the bytes keeps the body orjson's to read, with every check it gets otherwise.
     """
-    try:
-        parsed = json.loads(raw.decode("utf-8"), parse_constant=_not_json, parse_float=_finite_float)
-        # and back through orjson: what it cannot carry (integers past 64 bits, deep nesting) stays refused
-        return orjson.loads(orjson.dumps(_replace_lone_surrogates(parsed)))
-    except (ValueError, RecursionError, orjson.JSONEncodeError):
-        return None
+    return _SURROGATE_ESCAPES.sub(_replaced_if_lone, raw)
+
+
+def _replaced_if_lone(match: re.Match) -> bytes:
+    escape = match.group()
+    return b"\\ufffd" if len(escape) == _LONE_HALF_LENGTH else escape
 
 
 def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; orjson and JSON do not
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is too large")  # 1e400: Python reads infinity, orjson refuses
-    return number
-
-
-def _replace_lone_surrogates(value):
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, list):
-        return [_replace_lone_surrogates(item) for item in value]
-    if isinstance(value, dict):
-        return {_replace_lone_surrogates(key): _replace_lone_surrogates(item) for key, item in value.items()}
-    return value
 
 
 def _wants_events() -> bool:

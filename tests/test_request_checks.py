@@ -51,6 +51,23 @@ def test_a_message_cut_inside_an_emoji_is_relayed_with_the_half_replaced(relay, 
 
 
 @pytest.mark.parametrize(
+    "escaped, relayed",
+    [
+        (rb"\udc00\ud83d", "\ufffd\ufffd"),  # the halves of a pair, in the wrong order
+        (rb"\uD83D\uDE00 \uD83D", "\U0001F600 \ufffd"),  # a whole pair, in capitals, stays
+        (rb"\\ud83d \ud83d", "\\ud83d \ufffd"),  # a backslash, then the letters: no escape
+        (rb"\\\ud83d", "\\\ufffd"),  # a backslash, then an escape
+    ],
+)
+def test_only_lone_surrogate_escapes_are_replaced_whatever_surrounds_them(relay, upstream, escaped, relayed):
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "%s"}], "user": "\\udfff"}' % (model.encode(), escaped)
+    assert relay.post(PATH, body, {"Content-Type": "application/json"}).text == "ok"
+    sent = upstream.seen(model)[0].request.json()
+    assert sent["messages"][0]["content"] == relayed and sent["user"] == "\ufffd"
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}',
