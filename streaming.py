@@ -757,15 +757,20 @@ def _error_fields(body: bytes) -> dict:
     """The upstream's error object, its ``message`` a string whatever shape the server gave it.
 
     OpenAI sends ``{"error": {"message": ...}}``; compatible servers also send a bare string, a
-    message that is an object, or a FastAPI-style ``{"detail": ...}``.
+    message that is an object, a FastAPI-style ``{"detail": ...}``, the error object itself (vLLM,
+    Mistral: ``{"object": "error", "message": ...}``), or OpenAI's shape in a one-item list (Gemini).
     """
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return {}
+    if isinstance(parsed, list) and len(parsed) == 1:
+        parsed = parsed[0]
     if not isinstance(parsed, dict):
         return {}
-    return _error_object(parsed.get("error", parsed.get("detail")))
+    if "error" in parsed or "detail" in parsed:
+        return _error_object(parsed.get("error", parsed.get("detail")))
+    return _error_object(parsed) if "message" in parsed else {}
 
 
 def _error_object(error) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import UPSTREAM_KEY, free_port
+from conftest import ROOT, UPSTREAM_KEY, Relay, free_port
 from fake_upstream import chunk, gzip_bytes, sse_answer, stream_script
 from test_token_stream import parse_sse
 
@@ -666,6 +666,51 @@ def test_a_worker_gunicorn_retires_after_max_requests_ends_its_streams_as_sigter
         relay.stop()
 
 
+def test_a_worker_told_to_stop_by_both_its_signal_and_its_retirement_stops_accepting_and_closes_idle_once(tmp_path, upstream):
+    """A SIGTERM asks at once (from the loop), and the greenlet that watches for gunicorn retiring
+    the worker asks again within a second, since the signal retired it too. The second ask must find
+    the work done: each would start its own pass over the connections, repeating every second until
+    the worker exits. (The probe config wraps the real one and reports from the worker as it exits.)"""
+    report = tmp_path / "stops.json"
+    config = tmp_path / "probe.conf.py"
+    config.write_text(
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+        "import json, pathlib, sys\n"
+        "_asks, _first_passes = [], []\n"
+        "_ask, _pass = _Connections.stop_accepting_and_close_idle, _Connections._close_idle\n"
+        "def _asked(self):\n"
+        "    _asks.append(sys._getframe(1).f_code.co_name)\n"
+        "    _ask(self)\n"
+        "def _passed(self):\n"
+        "    if sys._getframe(1).f_code.co_name == 'stop_accepting_and_close_idle':  # not a repeat of a pass\n"
+        "        _first_passes.append(len(self.servers))\n"
+        "    _pass(self)\n"
+        "_Connections.stop_accepting_and_close_idle, _Connections._close_idle = _asked, _passed\n"
+        "_exit = worker_exit\n"
+        "def worker_exit(server, worker):\n"
+        "    _exit(server, worker)\n"
+        f"    pathlib.Path({str(report)!r}).write_text(json.dumps([_asks, _first_passes]))\n"
+    )
+    settings = {"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream.base_url, "RELAY_GRACEFUL_TIMEOUT": "5"}
+    relay = Relay(settings, tmp_path, config=str(config))
+    try:
+        held = upstream.script(stream_script(sse_answer(list("abcd")), delay=0.6))  # the worker lives ~2.4 s on
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(stream=post(relay, ENDPOINTS[0], held, sse=True)))
+        thread.start()
+        upstream.wait_seen(held)
+        os.kill(relay.proc.pid, signal.SIGTERM)  # the master, which tells its worker once
+        thread.join(15)
+        relay.proc.wait(15)
+        asks, first_passes = json.loads(report.read_text())
+    finally:
+        relay.stop()
+    assert len(asks) >= 2 and "stop_when_retired" in asks, f"both the signal and the retirement should ask: {asks}"
+    assert first_passes == [1], f"stopping work done {len(first_passes)} times for {len(asks)} asks"
+    events = parse_sse(result["stream"].body)
+    assert "".join(json.loads(d)["content"] for k, d in events if k is None) == "abcd" and events[-1][0] == "done"
+
+
 def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -698,25 +743,44 @@ def test_sigterm_refuses_new_connections_at_once_while_streams_in_flight_go_on(r
 
 
 def test_a_connection_accepted_as_sigterm_comes_is_answered_without_a_socket_error(relay_factory, upstream):
-    """Its handler may start after the listener closed, and gunicorn's reads the listener's address."""
+    """Its handler may start after the listener closed, and gunicorn's reads the listener's address.
+    Connections are opened one after another from the signal on, until the relay refuses them, so
+    that the last ones accepted meet the closing; the first come before the master has passed the
+    signal on, so some are always accepted, and each of those must be answered."""
     relay = relay_factory(fresh=True, workers=2, RELAY_GRACEFUL_TIMEOUT="3")
     held = upstream.script(stream_script(sse_answer(list("ab")), delay=0.5))
     thread = threading.Thread(target=lambda: post(relay, ENDPOINTS[0], held))
     thread.start()
     upstream.wait_seen(held)
+    request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    accepted, refused = [], False
     os.kill(relay.proc.pid, signal.SIGTERM)  # the master, as systemd's stop does: it tells the workers
     try:
-        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=2)
-    except OSError:
-        sock = None  # refused already: nothing to check this time
-    if sock is not None:
-        with sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        deadline = time.monotonic() + 3
+        while not refused and len(accepted) < 200 and time.monotonic() < deadline:
             try:
-                answer = sock.recv(12)
+                sock = socket.create_connection(("127.0.0.1", relay.port), timeout=2)
+            except OSError:
+                refused = True  # the relay has stopped accepting
+                continue
+            accepted.append(sock)
+            try:
+                sock.sendall(request)
+            except OSError:
+                pass  # its answer, or its absence, is read below
+        answers = []
+        for sock in accepted:
+            try:
+                answers.append(sock.recv(12))
             except OSError as exc:
-                answer = repr(exc).encode()
-        assert answer == b"HTTP/1.1 200", f"a connection the relay accepted was dropped: {answer!r}"
+                answers.append(repr(exc).encode())
+    finally:
+        for sock in accepted:
+            sock.close()
+    assert refused, f"the relay still accepted connections after {len(accepted)} of them"
+    assert accepted, "no connection was accepted after the signal: nothing was checked"
+    dropped = [answer for answer in answers if answer != b"HTTP/1.1 200"]
+    assert not dropped, f"{len(dropped)} of {len(answers)} connections the relay accepted were dropped: {dropped[:3]!r}"
     thread.join(10)
     relay.proc.wait(15)
     log = relay.log()
@@ -879,6 +943,13 @@ def test_the_key_is_redacted_from_every_field_of_an_upstream_error(relay_factory
         ({"error": {"message": 42}}, "42"),
         ({"detail": "model 'x' is not loaded"}, "model 'x' is not loaded"),  # FastAPI-style servers
         ({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, "field required"),
+        # vLLM and Mistral send the error object itself; Gemini's OpenAI-compatible endpoint, OpenAI's in a list
+        ({"object": "error", "message": "maximum context length is 4096 tokens", "type": "BadRequestError", "code": 400},
+         "maximum context length is 4096 tokens"),
+        ({"object": "error", "message": {"detail": [{"msg": "Extra inputs are not permitted"}]}, "code": None},
+         "Extra inputs are not permitted"),
+        ([{"error": {"code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}],
+         "Request contains an invalid argument."),
     ],
 )
 def test_an_upstream_error_of_any_json_shape_keeps_its_status_and_message(no_retry, upstream, body, expected):
