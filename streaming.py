@@ -387,9 +387,7 @@ class TokenTranslator(_Translator):
             return out
         choice = choices[0]
         self._note_finish(choice)
-        content = (choice.get("delta") or {}).get("content")
-        if content is not None and not isinstance(content, str):
-            raise _malformed("a chunk's delta.content is not a string")
+        content = _content_text((choice.get("delta") or {}).get("content"))
         if not content:
             return out
         self.token_count += 1
@@ -407,6 +405,16 @@ class TokenTranslator(_Translator):
     def error(self, error: RelayError) -> bytes | None:
         """The output that tells the caller the stream failed; None means: abort the connection."""
         return self._frame(error.to_json(), b"error") if self.sse else None
+
+
+def _content_text(content) -> str | None:
+    """A delta's ``content`` as the answer's text: a string, or the text parts of a list of content
+    parts, as Mistral's reasoning models send (their ``thinking`` parts are not the answer)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(part["text"] for part in content if part.get("type") == "text" and isinstance(part.get("text"), str))
+    raise _malformed("a chunk's delta.content is neither a string nor a list of content parts")
 
 
 class PassthroughTranslator(_Translator):

@@ -594,13 +594,33 @@ def test_an_accept_with_a_parameter_still_asks_for_the_event_format(relay, upstr
     assert_whole_answer(result, sse=True)
 
 
-@pytest.mark.parametrize("content", [5, ["a"], {"text": "a"}, True])
-def test_a_content_that_is_not_a_string_is_a_malformed_reply(relay, upstream, content):
+@pytest.mark.parametrize("content", [5, ["a"], {"text": "a"}, True, [{"type": "text", "text": "a"}, "b"]])
+def test_a_content_that_is_neither_a_string_nor_content_parts_is_a_malformed_reply(relay, upstream, content):
     events = sse_answer(TOKENS)
     events.insert(2, b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n")
     result = relay.stream(upstream.script(stream_script(events)), sse=True)
     kind, data = parse_sse(result.body)[-1]
-    assert kind == "error" and "not a string" in json.loads(data)["error"]["message"], result.body
+    assert kind == "error" and "neither a string nor" in json.loads(data)["error"]["message"], result.body
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_content_parts_are_relayed_as_their_text_and_thinking_parts_are_not(relay, upstream, sse):
+    """Mistral's reasoning models (magistral) send the thinking as a list of parts, then the answer."""
+    def chunk(content):
+        return b"data: " + json.dumps({"id": "m", "model": "magistral", "choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n"
+
+    events = sse_answer(["Hello", "!"])
+    events[1:1] = [
+        chunk([{"type": "thinking", "thinking": [{"type": "text", "text": "The user greets me."}]}]),
+        chunk([{"type": "text", "text": "Hi"}, {"type": "reference", "reference_ids": [1]}, {"type": "text", "text": " there. "}]),
+        chunk([]),
+    ]
+    result = relay.stream(upstream.script(stream_script(events)), sse=sse)
+    if not sse:
+        assert result.status == 200 and result.body == b"Hi there. Hello!" and result.complete, result.body
+        return
+    tokens = [json.loads(data)["content"] for kind, data in parse_sse(result.body) if kind is None]
+    assert tokens == ["Hi there. ", "Hello", "!"] and parse_sse(result.body)[-1][0] == "done", result.body
 
 
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
