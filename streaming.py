@@ -912,9 +912,16 @@ class _Inflater(_FailsLater):
     def __init__(self, wbits: int):
         self._wbits = wbits
         self._zlib = zlib.decompressobj(wbits)
+        self._first = True
 
     def decompress(self, data: bytes, final: bool) -> bytes:
         self.check()
+        if self._first and data:
+            self._first = False
+            if self._wbits == zlib.MAX_WBITS and not _zlib_header(data):
+                # deflate as some servers send it, without the zlib wrapper (RFC 1951 alone), as urllib3 also reads it
+                self._wbits = -zlib.MAX_WBITS
+                self._zlib = zlib.decompressobj(self._wbits)
         before = self._zlib.copy()
         try:
             return self._members(data) + (self._zlib.flush() if final else b"")
@@ -939,6 +946,13 @@ class _Inflater(_FailsLater):
             rest, self._zlib = self._zlib.unused_data, zlib.decompressobj(self._wbits)
             out += self._zlib.decompress(rest)
         return out  # bytes after the last member that start none (padding) are ignored, as before
+
+
+def _zlib_header(data: bytes) -> bool:
+    """Whether a deflate body starts with the zlib wrapper's header (RFC 1950): method 8, checksum."""
+    if data[0] & 0x0F != 8 or data[0] >> 4 > 7:
+        return False
+    return len(data) < 2 or (data[0] << 8 | data[1]) % 31 == 0
 
 
 class _WaitingSocket:

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -112,6 +113,25 @@ def test_gzip_upstream_body_is_decoded_and_relayed_token_by_token(relay, upstrea
     model = upstream.script(stream_script(sse_answer(TOKENS), delay=0.15, gzip_body=True))
     result = relay.stream(model)
     assert result.text == "Hello, world!"
+    assert_arrives_token_by_token(result, len(TOKENS), 0.15)
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib-wrapped", "raw"])
+def test_a_deflate_body_with_or_without_its_zlib_wrapper_is_relayed_token_by_token(relay, upstream, wbits):
+    """HTTP's deflate is the zlib format, but some servers send the bare RFC 1951 stream; urllib3
+    reads both, and the relay asks for deflate."""
+    def script(conn):
+        conn.start(headers=[("Content-Encoding", "deflate")])
+        deflate = zlib.compressobj(9, zlib.DEFLATED, wbits)
+        for index, event in enumerate(sse_answer(TOKENS)):
+            conn.send(deflate.compress(event) + deflate.flush(zlib.Z_SYNC_FLUSH))
+            if index < len(TOKENS) and conn.sleep_unless_hangup(0.15):
+                return
+        conn.send(deflate.flush())
+        conn.end()
+
+    result = relay.stream(upstream.script(script))
+    assert result.text == "Hello, world!" and result.complete
     assert_arrives_token_by_token(result, len(TOKENS), 0.15)
 
 
