@@ -237,7 +237,9 @@ def _register(app: Flask, settings: Settings) -> None:
         if settings.models:
             data = [{"id": name, "object": "model", "created": 0, "owned_by": "chat-relay"} for name in settings.models]
             return {"object": "list", "data": data}
-        status, body, _ = relay.upstream.request_json("GET", "/models")
+        status, body, document = relay.upstream.request_json("GET", "/models", list_allowed=True)
+        if isinstance(document, list):  # Together AI's is the bare array: put in the shape the SDKs read
+            body = orjson.dumps({"object": "list", "data": document})
         return Response(body, status, content_type="application/json")
 
 

@@ -492,8 +492,11 @@ class UpstreamClient:
             raise _malformed(f"expected an event stream, got {content_type or 'no content type'!r}")
         return response
 
-    def request_json(self, method: str, path: str, payload: dict | None = None) -> tuple[int, bytes, object]:
-        """A non-streaming call: the upstream's 2xx status, its JSON body as sent and as parsed; or a RelayError."""
+    def request_json(
+        self, method: str, path: str, payload: dict | None = None, *, list_allowed: bool = False
+    ) -> tuple[int, bytes, object]:
+        """A non-streaming call: the upstream's 2xx status, its JSON body as sent and as parsed; or a
+        RelayError. The body must be a JSON object, or with ``list_allowed`` also an array."""
         body = orjson.dumps(payload) if payload is not None else None
         response = self._send(method, path, body, "application/json", stream=True)
         try:
@@ -504,8 +507,8 @@ class UpstreamClient:
             document = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise _malformed("the body is not JSON") from None
-        if not isinstance(document, dict):  # a completion, a list of models: an object, not `0`
-            raise _malformed("the body is not a JSON object")
+        if not isinstance(document, dict) and not (list_allowed and isinstance(document, list)):
+            raise _malformed("the body is not a JSON object")  # a completion, a list of models: not `0`
         return response.status_code, content, document
 
     def _prepare(self, method: str, path: str, body: bytes | None, accept: str) -> requests.PreparedRequest:

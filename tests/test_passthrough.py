@@ -159,11 +159,15 @@ def test_models_list_is_the_allow_list_when_set(relay_factory):
     assert [model.id for model in sdk(relay).models.list()] == ["gpt-a", "gpt-b"]
 
 
-def test_models_list_is_the_upstreams_otherwise(relay, upstream):
-    listing = {"object": "list", "data": [{"id": "up-1", "object": "model", "created": 0, "owned_by": "x"}]}
+@pytest.mark.parametrize("bare", [False, True], ids=["openai-shape", "bare-array"])
+def test_models_list_is_the_upstreams_otherwise(relay, upstream, bare):
+    """Together AI answers with the bare array of models: the relay gives it the list shape the SDKs read."""
+    models = [{"id": "up-1", "object": "model", "created": 0, "owned_by": "x"}]
+    listing = models if bare else {"object": "list", "data": models}
     upstream.default_script = lambda conn: conn.json_response(200, listing)
     try:
         assert [model.id for model in sdk(relay).models.list()] == ["up-1"]
+        assert relay.request("GET", "/v1/models").json() == {"object": "list", "data": models}
     finally:
         upstream.default_script = None
 
