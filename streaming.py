@@ -374,7 +374,9 @@ class TokenTranslator(_Translator):
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
         out = b""
-        if self.model is None:
+        # The answer's meta: from its first chunk that names the model or carries a choice. Azure's
+        # first has neither (its prompt filter results, id and model empty).
+        if self.model is None and (chunk.get("model") or chunk.get("choices")):
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
             if self.sse:
                 meta = {"id": chunk.get("id"), "model": chunk.get("model"), "created": chunk.get("created")}
@@ -429,7 +431,7 @@ class PassthroughTranslator(_Translator):
         return self._chunk(data, event) if isinstance(data, dict) else b""
 
     def _chunk(self, chunk: dict, event: ServerSentEvent) -> bytes:
-        if self.model is None and isinstance(chunk.get("model"), str):
+        if self.model is None and isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         self._note_usage(chunk)
         for choice in chunk.get("choices") or ():

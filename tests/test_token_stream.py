@@ -643,6 +643,19 @@ def test_content_parts_are_relayed_as_their_text_and_thinking_parts_are_not(rela
     assert tokens == ["Hi there. ", "Hello", "!"] and parse_sse(result.body)[-1][0] == "done", result.body
 
 
+def test_azures_opening_chunk_of_prompt_filter_results_is_not_the_answers_meta(relay, upstream):
+    """Azure OpenAI opens with a chunk whose choices, id and model are empty: the meta comes from the
+    first chunk that names the model."""
+    azure = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+             "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}  # fmt: skip
+    events = [b"data: " + json.dumps(azure).encode() + b"\n\n", *sse_answer(TOKENS)]
+    model = upstream.script(stream_script(events))
+    result = relay.stream(model, sse=True)
+    kind, data = parse_sse(result.body)[0]
+    assert kind == "meta" and json.loads(data)["id"] == "chatcmpl-fake" and json.loads(data)["model"] == "fake-model"
+    assert_whole_answer(result, sse=True)
+
+
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
     events = [b'event: ping\ndata: {"type": "ping"}\n\n', *sse_answer(["a"])]
     result = relay.stream(upstream.script(stream_script(events)), sse=True)
