@@ -396,8 +396,9 @@ def _check_max_tokens(body: dict, settings: Settings) -> None:
             )
         named = True
     if not named and settings.max_tokens is not None:
-        body.pop("max_tokens", None)  # a null one (nothing else is left here): the cap alone names a limit
-        body["max_completion_tokens"] = settings.max_tokens
+        for field in ("max_tokens", "max_completion_tokens"):
+            body.pop(field, None)  # a null one (nothing else is left here): the cap alone names a limit
+        body[settings.max_tokens_field] = settings.max_tokens
 
 
 def _check_n(body: dict) -> None:

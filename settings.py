@@ -26,6 +26,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MIN_CLOCK_SECONDS = 0.1
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# OpenAI's reasoning models refuse max_tokens; Ollama and LM Studio know no other
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 class SettingsError(ValueError):
@@ -41,6 +43,7 @@ class Settings:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     max_tokens: int | None = None
+    max_tokens_field: str = "max_completion_tokens"  # which field carries RELAY_MAX_TOKENS when a request names none
     max_body_bytes: int = 1_048_576
     allowed_origins: tuple[str, ...] = ()
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -99,6 +102,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             models=models,
             default_model=_allowed_default_model(env.text("RELAY_DEFAULT_MODEL"), models),
             max_tokens=env.integer("RELAY_MAX_TOKENS", None, minimum=1),
+            max_tokens_field=env.choice("RELAY_MAX_TOKENS_FIELD", "max_completion_tokens", MAX_TOKENS_FIELDS),
             max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
             access_tokens=env.csv(
@@ -228,10 +232,12 @@ class _Env:
         return path
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = (self.text(name) or default).upper()
-        if value not in choices:
-            raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
-        return value
+        """One of ``choices``, however the value is capitalised."""
+        value = self.text(name) or default
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
 
     def url(self, name: str, default: str) -> str:
         raw = self.text(name) or default

@@ -229,6 +229,21 @@ def test_the_cap_is_applied_when_the_request_names_no_max_tokens(guarded, upstre
     assert "max_tokens" not in sent, "the cap goes alone, not beside a null max_tokens (models that take only max_completion_tokens)"
 
 
+@pytest.mark.parametrize("path", [PATH, "/v1/chat/completions"])
+@pytest.mark.parametrize("named", [{}, {"max_tokens": None}, {"max_completion_tokens": None}], ids=str)
+def test_the_cap_goes_in_max_tokens_for_servers_that_know_no_other(relay_factory, upstream, path, named):
+    """Ollama's and LM Studio's OpenAI-compatible endpoints ignore max_completion_tokens: a cap sent
+    in it would limit nothing."""
+    relay = relay_factory(RELAY_MAX_TOKENS="100", RELAY_MAX_TOKENS_FIELD="Max_Tokens")
+    model = upstream.script(stream_script(sse_answer(["ok"])))
+    relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, **named})
+    sent = upstream.seen(model)[-1].request.json()
+    assert sent["max_tokens"] == 100 and "max_completion_tokens" not in sent, sent
+    relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, "max_completion_tokens": 7})
+    sent = upstream.seen(model)[-1].request.json()
+    assert sent["max_completion_tokens"] == 7 and "max_tokens" not in sent, "a limit the caller named is its own"
+
+
 def test_unknown_paths_and_methods_get_json_errors(relay):
     assert_error(relay.request("GET", "/nope"), 404, "not_found")
     not_allowed = relay.request("GET", PATH)

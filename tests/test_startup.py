@@ -42,6 +42,7 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("REDIS_URL", "http://localhost"),
         ("WEB_CONCURRENCY", "0"),
         ("LOG_LEVEL", "LOUD"),
+        ("RELAY_MAX_TOKENS_FIELD", "max_output_tokens"),
         ("RELAY_RESUME_SECONDS", "-5"),
         ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
         ("SSL_CERT_FILE", str(ROOT / "README.md")),  # readable, but no certificate in it
