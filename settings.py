@@ -105,8 +105,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_tokens_field=env.choice("RELAY_MAX_TOKENS_FIELD", "max_completion_tokens", MAX_TOKENS_FIELDS),
             max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             allowed_origins=env.origins("RELAY_ALLOWED_ORIGINS"),
-            access_tokens=env.csv(
-                "RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay", blank_is_unset=False
+            access_tokens=_check_access_tokens(
+                env.csv("RELAY_ACCESS_TOKENS", "token", "tokens, or leave it unset for an open relay", blank_is_unset=False)
             ),
             rate_limit=env.rate_limit("RELAY_RATE_LIMIT"),
             max_streams_per_caller=env.integer("RELAY_MAX_STREAMS_PER_CALLER", None, minimum=1),
@@ -137,14 +137,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 def _check_api_key(api_key: str | None) -> None:
     """A key that cannot go in a header line (a line break pasted in the middle, a space, a curly
-    quote) would fail every request with a 502: refused here, naming where, never showing the key."""
-    if api_key is None:
-        return
-    for position, char in enumerate(api_key, 1):
+    quote) would fail every request with a 502: refused here."""
+    if api_key is not None:
+        _check_one_word("OPENAI_API_KEY", "", api_key, "an API key")
+
+
+def _check_access_tokens(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    """A token no caller can send as one (``Bearer <token>`` is one word) would refuse every caller
+    with 401: refused here. The usual cause is a comment after the value in systemd's env file."""
+    for number, token in enumerate(tokens, 1):
+        _check_one_word("RELAY_ACCESS_TOKENS", f"token {number}: ", token, "a token")
+    return tokens
+
+
+def _check_one_word(name: str, which: str, secret: str, what: str) -> None:
+    """Refuses a secret that is not one word of printable ASCII, naming where, never showing it."""
+    for position, char in enumerate(secret, 1):
         if not "!" <= char <= "~":
+            hint = (
+                "a comment after the value? systemd keeps it as part of the value: put it on a line of its own"
+                if "#" in secret[position:]
+                else "was a line break or a space pasted in?"
+            )
             raise SettingsError(
-                f"OPENAI_API_KEY: character {position} of {len(api_key)} is {_character_kind(char)}; "
-                "an API key is one word of printable ASCII (was a line break or a space pasted in?)"
+                f"{name}: {which}character {position} of {len(secret)} is {_character_kind(char)}; "
+                f"{what} is one word of printable ASCII ({hint})"
             )
 
 

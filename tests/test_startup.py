@@ -320,3 +320,22 @@ def test_a_key_that_cannot_go_in_a_header_is_refused_without_showing_it(pasted):
     assert "first-part" not in message and "second-part" not in message, message
     assert load_settings({**BASE, "OPENAI_API_KEY": f" {key.replace(pasted, '-')}\n"}).api_key == key.replace(pasted, "-")
     assert load_settings({"RELAY_DEMO": "1", "OPENAI_API_KEY": key}).demo, "demo mode sends no key"
+
+
+@pytest.mark.parametrize(
+    "name, value, where",
+    [
+        # what systemd hands over for `RELAY_ACCESS_TOKENS=tok-secret-1   # comment` (it keeps inline comments)
+        ("RELAY_ACCESS_TOKENS", "tok-secret-0,tok-secret-1   # or keep the site private", "token 2: character 13 of"),
+        ("RELAY_ACCESS_TOKENS", "tok-secret-1 tok-secret-2", "token 1: character 13 of"),
+        ("OPENAI_API_KEY", "sk-secret-1   # the key", "character 12 of"),
+    ],
+)
+def test_a_comment_left_after_a_secret_in_an_env_file_is_refused_without_showing_the_secret(name, value, where):
+    """Every caller would get 401 for a token nobody can send, and every answer 502 for such a key."""
+    result = start_gunicorn({**BASE, name: value})
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode != 0 and output.count("\n") == 0, f"expected one line, got:\n{output}"
+    assert name in output and where in output, output
+    assert ("on a line of its own" in output) == ("#" in value), "a comment is named as the likely cause"
+    assert "secret" not in output, output
