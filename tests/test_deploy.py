@@ -269,10 +269,17 @@ def test_nginx_site_waits_longer_than_the_relay_for_a_silent_upstream():
 
 
 def test_nginx_refuses_a_body_too_large_for_it_with_the_relays_json(nginx):
+    """With CORS headers: a page on another origin would otherwise see a network error, not the 413."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (3 << 20)}]}).encode()
-    result = nginx.request("POST", "/api/stream_chat_completion", body=body, headers={"Content-Type": "application/json"})
-    assert result.status == 413 and result.headers["content-type"].startswith("application/json"), result.text[:200]
-    assert result.json()["error"]["code"] == "payload_too_large"
+    for origin in [None, "https://app.example.com"]:
+        headers = {"Content-Type": "application/json", "X-Request-ID": "big-body-1", **({"Origin": origin} if origin else {})}
+        result = nginx.request("POST", "/api/stream_chat_completion", body=body, headers=headers)
+        assert result.status == 413 and result.headers["content-type"].startswith("application/json"), result.text[:200]
+        assert result.json()["error"]["code"] == "payload_too_large"
+        assert result.headers["x-request-id"] == "big-body-1"
+        assert result.headers.get("access-control-allow-origin") == origin, result.headers
+        if origin:
+            assert "X-Request-ID" in result.headers["access-control-expose-headers"] and result.headers["vary"] == "Origin"
 
 
 def unit_options(path: Path) -> dict[str, list[str]]:
