@@ -4,6 +4,7 @@ Values come from the relay's own settings (environment and `.env`), so one bad v
 server here with one line, before any worker starts.
 """
 
+import atexit
 import functools
 import gc
 import glob
@@ -37,6 +38,17 @@ except SettingsError as exc:
 _own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
+_master_pid = os.getpid()
+
+
+def _remove_own_metrics_dir() -> None:
+    """The master removes the metrics directory this config made (one given in the environment is
+    kept), however it exits: on_exit does not run when gunicorn fails to start (a port in use)."""
+    if _own_metrics_dir and os.getpid() == _master_pid:  # workers exit through atexit too
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
+
+
+atexit.register(_remove_own_metrics_dir)
 
 # Workers resolve host names with resolver.Resolver: an address (OPENAI_BASE_URL at an IP, Redis on
 # 127.0.0.1) is parsed in place instead of being handed to a thread, and a name's addresses are
@@ -323,9 +335,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Remove the metrics directory this config made (one given in the environment is kept)."""
-    if _own_metrics_dir:
-        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
+    _remove_own_metrics_dir()
 
 
 def on_starting(server):

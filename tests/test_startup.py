@@ -6,10 +6,12 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import certifi
 import pytest
@@ -339,3 +341,33 @@ def test_a_comment_left_after_a_secret_in_an_env_file_is_refused_without_showing
     assert name in output and where in output, output
     assert ("on a line of its own" in output) == ("#" in value), "a comment is named as the likely cause"
     assert "secret" not in output, output
+
+
+def test_the_metrics_directory_the_config_makes_is_removed_however_gunicorn_exits_and_only_then(relay_factory, tmp_path):
+    """It is made in TMPDIR when PROMETHEUS_MULTIPROC_DIR is unset (./demo.sh, the README's gunicorn
+    line). on_exit does not run when gunicorn cannot bind; a worker's exit must not remove it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "TMPDIR": str(tmp_path),
+               "RELAY_DEMO": "1", "HOST": "127.0.0.1", "PORT": str(taken.getsockname()[1])}  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode != 0 and "in use" in result.stderr, result.stderr[-500:]
+    assert list(tmp_path.iterdir()) == [], "a failed start left its metrics directory"
+    relay = relay_factory(workers=2, fresh=True, TMPDIR=str(tmp_path), RELAY_DEMO="1")
+    [metrics_dir] = list(tmp_path.iterdir())
+    master = relay.proc.pid
+    first = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    os.kill(first[0], signal.SIGTERM)  # the worker exits as gunicorn's do, through sys.exit
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+        if first[0] not in now and len(now) == 2:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker was not replaced")
+    assert metrics_dir.is_dir(), "a worker's exit removed the directory the others write in"
+    relay.stop()
+    assert not metrics_dir.exists()
