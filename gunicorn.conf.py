@@ -343,9 +343,14 @@ def on_starting(server):
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # counts from a previous run would be summed into this one's
     if workers < _settings.web_concurrency:
+        named = {
+            "RELAY_RATE_LIMIT": _settings.rate_limit,
+            "RELAY_MAX_STREAMS_PER_CALLER": _settings.max_streams_per_caller,
+            "RELAY_RESUME_SECONDS": _settings.resume_seconds,
+        }
         server.log.warning(
-            "rate limits, stream caps and resumable answers without REDIS_URL live in one process: "
-            "running 1 worker instead of %s",
+            "%s without REDIS_URL live in one process: running 1 worker instead of %s",
+            " and ".join(name for name, value in named.items() if value),
             _settings.web_concurrency,
         )
     _raise_file_limit(server)

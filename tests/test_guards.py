@@ -157,7 +157,7 @@ def test_shared_state_without_redis_runs_one_worker_so_it_stays_exact(relay_fact
     relay = relay_factory(workers=2, **{name: value})
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
     assert len(children) == 1
-    assert "live in one process: running 1 worker instead of 2" in relay.log()
+    assert f"{name} without REDIS_URL live in one process: running 1 worker instead of 2" in relay.log()
 
 
 def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream, redis_url):
