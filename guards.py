@@ -145,15 +145,16 @@ class Guards:
         if self.stream_slots is None:
             return None
         deadline = time.monotonic() + STREAM_CAP_WAIT_SECONDS
+        cap = self.settings.max_streams_per_caller
         while True:
             try:
-                return self.stream_slots.acquire(caller, self.settings.max_streams_per_caller)
+                return self.stream_slots.acquire(caller, cap)
             except CapReached:
                 if time.monotonic() >= deadline:
                     raise RelayError(
                         429,
                         "too_many_streams",
-                        f"At most {self.settings.max_streams_per_caller} open streams per caller.",
+                        f"At most {cap} open stream{'s' if cap != 1 else ''} per caller.",
                         retry_after=STREAM_RETRY_AFTER,
                     ) from None
             gevent.sleep(STREAM_CAP_POLL_SECONDS)

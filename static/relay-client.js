@@ -233,7 +233,8 @@ function worthRetrying(error) {
 
 function notResumed(cut, failure) {
   const why = failure === cut ? "every try was cut off too" : failure.message;
-  return new RelayError(`${cut.message} Resuming the answer failed: ${why}`, {
+  const said = /[.!?]$/.test(cut.message) ? cut.message : `${cut.message}.`;
+  return new RelayError(`${said} Resuming the answer failed: ${why}`, {
     code: cut.code,
     cause: failure === cut ? cut.cause : failure,
   });
