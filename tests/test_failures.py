@@ -744,48 +744,55 @@ def test_sigterm_refuses_new_connections_at_once_while_streams_in_flight_go_on(r
 
 def test_a_connection_accepted_as_sigterm_comes_is_answered_without_a_socket_error(relay_factory, upstream):
     """Its handler may start after the listener closed, and gunicorn's reads the listener's address.
-    Connections are opened one after another from the signal on, until the relay refuses them, so
-    that the last ones accepted meet the closing; the first come before the master has passed the
-    signal on, so some are always accepted, and each of those must be answered."""
-    relay = relay_factory(fresh=True, workers=2, RELAY_GRACEFUL_TIMEOUT="3")
-    held = upstream.script(stream_script(sse_answer(list("ab")), delay=0.5))
-    thread = threading.Thread(target=lambda: post(relay, ENDPOINTS[0], held))
-    thread.start()
-    upstream.wait_seen(held)
+    From the signal on, connections follow one another a millisecond apart until the relay refuses
+    them, so that some meet the closing. The first, made before the master has passed the signal on,
+    are answered; the test tries at least twice (the race is met in about half the tries), and again
+    while no connection made after the signal was answered (the scheduler's doing), since then
+    nothing was checked."""
     request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
-    accepted, refused = [], False
-    os.kill(relay.proc.pid, signal.SIGTERM)  # the master, as systemd's stop does: it tells the workers
-    try:
-        deadline = time.monotonic() + 3
-        while not refused and len(accepted) < 200 and time.monotonic() < deadline:
-            try:
-                sock = socket.create_connection(("127.0.0.1", relay.port), timeout=2)
-            except OSError:
-                refused = True  # the relay has stopped accepting
-                continue
-            accepted.append(sock)
-            try:
-                sock.sendall(request)
-            except OSError:
-                pass  # its answer, or its absence, is read below
-        answers = []
-        for sock in accepted:
-            try:
-                answers.append(sock.recv(12))
-            except OSError as exc:
-                answers.append(repr(exc).encode())
-    finally:
-        for sock in accepted:
-            sock.close()
-    assert refused, f"the relay still accepted connections after {len(accepted)} of them"
-    assert accepted, "no connection was accepted after the signal: nothing was checked"
-    dropped = [answer for answer in answers if answer != b"HTTP/1.1 200"]
-    assert not dropped, f"{len(dropped)} of {len(answers)} connections the relay accepted were dropped: {dropped[:3]!r}"
-    thread.join(10)
-    relay.proc.wait(15)
-    log = relay.log()
-    assert "Socket error processing request" not in log and "Bad file descriptor" not in log, log[-3000:]
-    relay.stop()
+    answered = []  # per try, how many connections made after the signal had their answer
+    while len(answered) < 2 or (not any(answered) and len(answered) < 5):
+        relay = relay_factory(fresh=True, workers=2, RELAY_GRACEFUL_TIMEOUT="3")
+        held = upstream.script(stream_script(sse_answer(list("ab")), delay=0.5))
+        thread = threading.Thread(target=lambda: post(relay, ENDPOINTS[0], held))
+        thread.start()
+        upstream.wait_seen(held)
+        connections, refused = [], False
+        os.kill(relay.proc.pid, signal.SIGTERM)  # the master, as systemd's stop does: it tells the workers
+        try:
+            deadline = time.monotonic() + 3
+            while not refused and len(connections) < 1000 and time.monotonic() < deadline:
+                try:
+                    connections.append(socket.create_connection(("127.0.0.1", relay.port), timeout=5))
+                except OSError:
+                    refused = True
+                    continue
+                try:
+                    connections[-1].sendall(request)
+                except OSError:
+                    pass  # what became of it is read below
+                time.sleep(0.001)
+            answers = []
+            for sock in connections:
+                try:
+                    answers.append(sock.recv(12))
+                except OSError as exc:
+                    answers.append(type(exc).__name__.encode())
+        finally:
+            for sock in connections:
+                sock.close()
+        thread.join(10)
+        relay.proc.wait(15)
+        relay.stop()
+        log = relay.log()
+        assert "Socket error processing request" not in log and "Bad file descriptor" not in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        assert refused, f"the relay still accepted connections after {len(connections)} of them, made after the signal"
+        # An answer begun is whole. (A connection still waiting, unaccepted, in the listener's queue
+        # when the workers close it is reset without an answer: not what this test judges.)
+        assert set(answers) <= {b"HTTP/1.1 200", b"ConnectionResetError"}, sorted(set(answers))
+        answered.append(answers.count(b"HTTP/1.1 200"))
+    assert any(answered), f"no connection made after the signal was answered in {len(answered)} tries: nothing was checked"
 
 
 def test_sigterm_closes_idle_connections_and_exits_without_waiting_for_them(relay_factory, upstream):

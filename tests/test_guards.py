@@ -316,6 +316,61 @@ def test_a_slot_granted_while_redis_was_unreachable_is_released_without_asking_r
         link.close()
 
 
+class _ClientWhoseNextPipelineWaits:
+    """The stream slots' own Redis client, but its next pipeline runs ``meanwhile`` just before it
+    sends its first batch: what another greenlet does while a renewal waits on Redis, in the order
+    that matters (a stream's end reaches Redis before the renewal's ZADDs)."""
+
+    def __init__(self, client: redis.Redis, meanwhile):
+        self._client, self._meanwhile = client, meanwhile
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self._client.pipeline(*args, **kwargs)
+        send, meanwhile, self._meanwhile = pipe.execute, self._meanwhile, None
+        if meanwhile is not None:
+
+            def execute(*args, **kwargs):
+                pipe.execute = send  # once: the later batches of the same pipeline go as they are
+                meanwhile()
+                return send(*args, **kwargs)
+
+            pipe.execute = execute
+        return pipe
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@pytest.mark.parametrize("granted", ["claimed", "unclaimed"])
+def test_a_slot_released_while_a_renewal_is_on_its_way_is_not_claimed_again_by_that_renewal(redis_url, granted):
+    """The renewal re-adds every claim it saw held, as one Redis lost. A stream that ends meanwhile
+    has its ZREM (or, granted while Redis was unreachable, nothing) reach Redis first: the renewal's
+    ZADD would bring its claim back, counted against its caller for a minute after the stream ended."""
+    link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        client = redis.Redis.from_url(redis_url)
+        slots = RedisStreamSlots(f"redis://127.0.0.1:{link.port}/0")
+        caller = f"renewal-race-{granted}-{time.monotonic_ns()}"
+        key = f"chat-relay:streams:{caller}"
+        kept = slots.acquire(caller, 2)
+        if granted == "unclaimed":
+            link.cut()
+        ending = slots.acquire(caller, 2)
+        link.restore()
+        assert (client.zscore(key, ending) is None) == (granted == "unclaimed")
+        client.persist(key)  # so that the set's expiry, once back, shows the renewal reached Redis
+        slots._redis = _ClientWhoseNextPipelineWaits(slots._redis, lambda: slots.release(ending))
+        slots.renew()
+        assert client.ttl(key) > STREAM_SLOT_SECONDS, "the renewal did not reach Redis: nothing was tested"
+        assert client.zscore(key, kept) is not None, "the open stream's claim must stay"
+        assert client.zscore(key, ending) is None, "the renewal claimed a stream that had ended"
+        slots.acquire(caller, 2)  # the ended stream's slot is free
+        with pytest.raises(CapReached):
+            slots.acquire(caller, 2)
+    finally:
+        link.close()
+
+
 def burst(relay, model: str, count: int, token: str) -> list[int]:
     """``count`` requests sent at once on their own connections, all held open until each has its status."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -358,6 +413,29 @@ def test_allowed_origins_match_as_browsers_send_them(relay_factory, upstream):
         preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
         assert preflight.headers.get("access-control-allow-origin") == origin
     for origin in ("https://app.example.com:8443", "http://[", "null", "http://1:5173"):  # [::1] is no regex class
+        assert_error(relay.stream(quick(upstream), headers={"Origin": origin}), 403, "origin_not_allowed")
+        preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers, origin
+
+
+def test_an_allowed_origin_with_a_port_of_its_own_matches_only_that_port_and_a_default_port_only_its_scheme(relay_factory, upstream):
+    """A port is part of the origin: a dev server on :8080 is not the site on :80, whoever runs it.
+    Only a scheme's own default port may be written or left out (a browser leaves it out), and
+    both checks (the relay's 403 and the CORS headers) must say the same."""
+    relay = relay_factory(RELAY_ALLOWED_ORIGINS="http://app.example.com:8080,https://secure.example.com")
+    for origin in ("http://app.example.com:8080", "https://secure.example.com", "https://secure.example.com:443"):
+        result = relay.stream(quick(upstream), headers={"Origin": origin})
+        assert result.status == 200, (origin, result.body)
+        assert result.headers.get("access-control-allow-origin") == origin, origin
+        preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert preflight.headers.get("access-control-allow-origin") == origin, origin
+    refused = (
+        "http://app.example.com", "http://app.example.com:80", "http://app.example.com:8081", "http://app.example.com:808",
+        "https://app.example.com:8080", "http://app.example.com:80800", "http://app.example.com:8080:80",
+        "https://secure.example.com:80", "https://secure.example.com:8443", "http://secure.example.com",
+        "http://secure.example.com:443",
+    )  # fmt: skip
+    for origin in refused:
         assert_error(relay.stream(quick(upstream), headers={"Origin": origin}), 403, "origin_not_allowed")
         preflight = relay.request("OPTIONS", PATH, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in preflight.headers, origin
