@@ -668,7 +668,7 @@ def _connection_aborter() -> Callable[[], None]:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
-    for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers + logging.getLogger("gunicorn.error").handlers:
         if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
             handler.addFilter(RedactingFilter())
     if not access_log.handlers:

@@ -96,6 +96,11 @@ def redact(text: str) -> str:
     return _KEY_LIKE.sub("[redacted]", text)
 
 
+# Loggers whose tracebacks are the relay's own code failing, kept (redacted): gunicorn's error log
+# holds those of a request that failed outside the app's error handlers.
+_TRACEBACKS_KEPT = ("chat_relay", "gunicorn.error")
+
+
 class RedactingFilter(logging.Filter):
     """Redacts every record a handler writes, other libraries' too: urllib3 logs a malformed upstream
     header line as it came, and an upstream may echo the key in one. A library's traceback is
@@ -108,8 +113,11 @@ class RedactingFilter(logging.Filter):
             return True
         if redact(message) != message:
             record.msg, record.args = redact(message), ()
-        if record.exc_info and record.exc_info[1] is not None:
-            if record.name.startswith("chat_relay"):
-                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_info = None
+        if record.exc_text:  # (also when an earlier handler's formatter wrote it)
+            record.exc_text = redact(record.exc_text) if record.name.startswith(_TRACEBACKS_KEPT) else None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import UPSTREAM_KEY, free_port
+from conftest import ROOT, UPSTREAM_KEY, Relay, free_port
 from guards import STREAM_SLOT_SECONDS, CapReached, RedisStreamSlots
 from fake_upstream import sse_answer, stream_script
 from test_resume_redis_failures import RedisLink
@@ -464,6 +464,67 @@ def test_the_redacting_log_filter_leaves_a_bad_format_call_to_the_handler_to_rep
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "echoed: [redacted]\n"
+
+
+def test_the_redacting_log_filter_keeps_gunicorns_tracebacks_redacted_and_drops_a_librarys_however_formatted():
+    """gunicorn's error log holds the traceback of a request that failed outside the app's handlers:
+    the relay's own code, worth keeping, but its exception may quote the key. A library's traceback
+    is dropped, also when another handler's formatter wrote it on the record first."""
+    import io
+    import logging
+
+    from errors import RedactingFilter, register_secret
+
+    secret = "sk-filter-SECRET-9876543210"
+    register_secret(secret)
+
+    def log_failure(name: str, earlier_handler: bool) -> str:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.addFilter(RedactingFilter())
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        handlers = [logging.StreamHandler(io.StringIO())] if earlier_handler else []
+        for each in [*handlers, handler]:
+            logger.addHandler(each)
+        try:
+            try:
+                raise ValueError(f"Invalid header value 'Bearer {secret}'")
+            except ValueError:
+                logger.exception("Error handling request", stack_info=True)
+        finally:
+            for each in [*handlers, handler]:
+                logger.removeHandler(each)
+        return stream.getvalue()
+
+    for earlier in (False, True):
+        kept = log_failure("gunicorn.error", earlier)
+        assert "Traceback" in kept and "ValueError: Invalid header value 'Bearer [redacted]'" in kept, kept
+        assert "Stack (most recent call last)" in kept and secret not in kept, kept
+        dropped = log_failure("urllib3.connectionpool", earlier)
+        assert dropped.startswith("Error handling request") and "Traceback" not in dropped and secret not in dropped, dropped
+
+
+def test_a_traceback_in_gunicorns_error_log_is_kept_with_the_key_redacted(tmp_path, upstream):
+    """A request that fails outside the app's error handlers is logged by gunicorn, traceback and
+    all, through its own handlers: the probe wraps the real config and logs such a failure, whose
+    exception quotes the key, from a worker once the app is loaded."""
+    config = tmp_path / "probe.conf.py"
+    config.write_text(
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+        "_tuned = post_worker_init\n"
+        "def post_worker_init(worker):\n"
+        "    _tuned(worker)\n"
+        "    try:\n"
+        f"        raise ValueError('Invalid header value ' + repr('Bearer {UPSTREAM_KEY}'))\n"
+        "    except ValueError:\n"
+        "        worker.log.exception('Error handling request')\n"
+    )
+    relay = Relay({"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=str(config))
+    relay.stop()
+    log = relay.log()
+    assert "Error handling request" in log and "Traceback" in log, log[-2000:]
+    assert "ValueError: Invalid header value 'Bearer [redacted]'" in log and UPSTREAM_KEY not in log, log[-2000:]
 
 
 def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upstream):
