@@ -30,6 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def probe_config(tmp_path: Path, code: str) -> str:
+    """A gunicorn config that is the real one, then ``code``, which may wrap its hooks to look inside a worker."""
+    config = tmp_path / "probe.conf.py"
+    config.write_text(f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n{code}")
+    return str(config)
+
+
 def wait_until_up(proc: subprocess.Popen, probe, log, what: str, timeout: float) -> None:
     """Poll ``probe`` until it returns true; fail with ``log()`` if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout

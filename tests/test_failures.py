@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, UPSTREAM_KEY, Relay, free_port
+from conftest import UPSTREAM_KEY, Relay, free_port, probe_config
 from fake_upstream import chunk, gzip_bytes, sse_answer, stream_script
 from test_token_stream import parse_sse
 
@@ -672,9 +672,8 @@ def test_a_worker_told_to_stop_by_both_its_signal_and_its_retirement_stops_accep
     the work done: each would start its own pass over the connections, repeating every second until
     the worker exits. (The probe config wraps the real one and reports from the worker as it exits.)"""
     report = tmp_path / "stops.json"
-    config = tmp_path / "probe.conf.py"
-    config.write_text(
-        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+    config = probe_config(
+        tmp_path,
         "import json, pathlib, sys\n"
         "_asks, _first_passes = [], []\n"
         "_ask, _pass = _Connections.stop_accepting_and_close_idle, _Connections._close_idle\n"
@@ -689,10 +688,10 @@ def test_a_worker_told_to_stop_by_both_its_signal_and_its_retirement_stops_accep
         "_exit = worker_exit\n"
         "def worker_exit(server, worker):\n"
         "    _exit(server, worker)\n"
-        f"    pathlib.Path({str(report)!r}).write_text(json.dumps([_asks, _first_passes]))\n"
+        f"    pathlib.Path({str(report)!r}).write_text(json.dumps([_asks, _first_passes]))\n",
     )
     settings = {"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream.base_url, "RELAY_GRACEFUL_TIMEOUT": "5"}
-    relay = Relay(settings, tmp_path, config=str(config))
+    relay = Relay(settings, tmp_path, config=config)
     try:
         held = upstream.script(stream_script(sse_answer(list("abcd")), delay=0.6))  # the worker lives ~2.4 s on
         result = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import ROOT, UPSTREAM_KEY, Relay, free_port
+from conftest import UPSTREAM_KEY, Relay, free_port, probe_config
 from guards import STREAM_SLOT_SECONDS, CapReached, RedisStreamSlots
 from fake_upstream import sse_answer, stream_script
 from test_resume_redis_failures import RedisLink
@@ -509,18 +509,17 @@ def test_a_traceback_in_gunicorns_error_log_is_kept_with_the_key_redacted(tmp_pa
     """A request that fails outside the app's error handlers is logged by gunicorn, traceback and
     all, through its own handlers: the probe wraps the real config and logs such a failure, whose
     exception quotes the key, from a worker once the app is loaded."""
-    config = tmp_path / "probe.conf.py"
-    config.write_text(
-        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+    config = probe_config(
+        tmp_path,
         "_tuned = post_worker_init\n"
         "def post_worker_init(worker):\n"
         "    _tuned(worker)\n"
         "    try:\n"
         f"        raise ValueError('Invalid header value ' + repr('Bearer {UPSTREAM_KEY}'))\n"
         "    except ValueError:\n"
-        "        worker.log.exception('Error handling request')\n"
+        "        worker.log.exception('Error handling request')\n",
     )
-    relay = Relay({"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=str(config))
+    relay = Relay({"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=config)
     relay.stop()
     log = relay.log()
     assert "Error handling request" in log and "Traceback" in log, log[-2000:]

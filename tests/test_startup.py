@@ -16,7 +16,7 @@ from pathlib import Path
 import certifi
 import pytest
 
-from conftest import ROOT, Relay, free_port
+from conftest import ROOT, Relay, free_port, probe_config
 from settings import SettingsError, load_settings
 
 BASE = {"OPENAI_API_KEY": "sk-test-key-for-settings"}
@@ -269,9 +269,8 @@ def test_each_worker_tunes_the_garbage_collector_after_importing_the_app(tmp_pat
     """gunicorn.conf.py's post_worker_init freezes the app's objects out of every collection and
     collects young objects less often (the probe wraps the real config and reports from the worker)."""
     probe = tmp_path / "gc.json"
-    config = tmp_path / "probe.conf.py"
-    config.write_text(
-        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', 'exec'))\n"
+    config = probe_config(
+        tmp_path,
         "_tuned = post_worker_init\n"
         "def post_worker_init(worker):\n"
         "    _tuned(worker)\n"
@@ -279,9 +278,9 @@ def test_each_worker_tunes_the_garbage_collector_after_importing_the_app(tmp_pat
         "    flask_app = sys.modules['app'].app\n"
         "    frozen_app = all(obj is not flask_app for obj in gc.get_objects())  # frozen objects are not listed\n"
         "    state = [gc.get_threshold(), gc.get_freeze_count(), frozen_app]\n"
-        f"    pathlib.Path({str(probe)!r}).write_text(json.dumps(state))\n"
+        f"    pathlib.Path({str(probe)!r}).write_text(json.dumps(state))\n",
     )
-    relay = Relay({"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=str(config))
+    relay = Relay({"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.base_url}, tmp_path, config=config)
     try:
         threshold, frozen, frozen_app = json.loads(probe.read_text())
     finally:
