@@ -383,7 +383,7 @@ def _check_model(body: dict, settings: Settings) -> None:
 
 
 def _check_max_tokens(body: dict, settings: Settings) -> None:
-    named = False
+    named = []
     for field in ("max_tokens", "max_completion_tokens"):
         if field not in body or body[field] is None:
             continue
@@ -394,11 +394,14 @@ def _check_max_tokens(body: dict, settings: Settings) -> None:
             raise _invalid(
                 field, f"'{field}' is {value}; this relay allows at most {settings.max_tokens}.", "max_tokens_too_large"
             )
-        named = True
-    if not named and settings.max_tokens is not None:
-        for field in ("max_tokens", "max_completion_tokens"):
-            body.pop(field, None)  # a null one (nothing else is left here): the cap alone names a limit
-        body[settings.max_tokens_field] = settings.max_tokens
+        named.append(value)
+    if settings.max_tokens is None or (named and settings.max_tokens_field == "max_completion_tokens"):
+        return  # (OpenAI reads either field; its reasoning models refuse max_tokens, which is then the caller's to send)
+    # The cap alone names a limit; or the caller's goes where the upstream reads one (servers that
+    # know only max_tokens ignore max_completion_tokens: the cap would not hold).
+    for field in ("max_tokens", "max_completion_tokens"):
+        body.pop(field, None)
+    body[settings.max_tokens_field] = min(named, default=settings.max_tokens)
 
 
 def _check_n(body: dict) -> None:

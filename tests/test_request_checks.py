@@ -239,9 +239,12 @@ def test_the_cap_goes_in_max_tokens_for_servers_that_know_no_other(relay_factory
     relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, **named})
     sent = upstream.seen(model)[-1].request.json()
     assert sent["max_tokens"] == 100 and "max_completion_tokens" not in sent, sent
-    relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, "max_completion_tokens": 7})
-    sent = upstream.seen(model)[-1].request.json()
-    assert sent["max_completion_tokens"] == 7 and "max_tokens" not in sent, "a limit the caller named is its own"
+    for named in ({"max_completion_tokens": 7}, {"max_completion_tokens": 7, "max_tokens": 9}):
+        relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, **named})
+        sent = upstream.seen(model)[-1].request.json()
+        assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent, "a limit named in the field it ignores would not hold"
+    relay.post(path, {"model": model, "messages": MESSAGES, "stream": True, "max_tokens": 101})
+    assert len(upstream.seen(model)) == 3, "over the cap is refused as ever: the upstream is not asked"
 
 
 def test_unknown_paths_and_methods_get_json_errors(relay):
