@@ -352,6 +352,7 @@ class TokenTranslator(_Translator):
         self._id_prefix = b"id: " + stream_id.encode() + b":" if self.stream_id else None
         self._seq = 0
         self._frames: list[bytes] = []
+        self._first_chunk: dict | None = None  # while no chunk has named the model
 
     def _frame(self, data: bytes, event: bytes | None = None) -> bytes:
         if self._id_prefix is None:
@@ -376,13 +377,11 @@ class TokenTranslator(_Translator):
         out = b""
         # The answer's meta: from its first chunk that names the model or carries a choice. Azure's
         # first has neither (its prompt filter results, id and model empty).
-        if self.model is None and (chunk.get("model") or chunk.get("choices")):
-            self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
-            if self.sse:
-                meta = {"id": chunk.get("id"), "model": chunk.get("model"), "created": chunk.get("created")}
-                if self.stream_id:
-                    meta["stream_id"] = self.stream_id
-                out = self._frame(orjson.dumps(meta), b"meta")
+        if self.model is None:
+            if chunk.get("model") or chunk.get("choices"):
+                out = self._meta(chunk)
+            elif self._first_chunk is None:
+                self._first_chunk = chunk
         self._note_usage(chunk)
         choices = chunk.get("choices")
         if not choices:
@@ -397,16 +396,34 @@ class TokenTranslator(_Translator):
             return out + self._frame(orjson.dumps({"content": content}))
         return out + content.encode()
 
+    def _meta(self, chunk: dict) -> bytes:
+        self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else ""
+        if not self.sse:
+            return b""
+        meta = {"id": chunk.get("id"), "model": chunk.get("model"), "created": chunk.get("created")}
+        if self.stream_id:
+            meta["stream_id"] = self.stream_id
+        return self._frame(orjson.dumps(meta), b"meta")
+
+    def _meta_if_none_yet(self) -> bytes:
+        """An answer's events open with its meta even when no chunk named the model: from its first
+        chunk then, or all null when it had none."""
+        return self._meta(self._first_chunk or {}) if self.model is None else b""
+
     def end(self) -> bytes:
         """The closing output once the upstream body ended; raises if it ended too soon."""
         self._check_complete()
         if not self.sse:
             return b""
-        return self._frame(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
+        meta = self._meta_if_none_yet()  # first: its number comes before done's
+        return meta + self._frame(orjson.dumps({"finish_reason": self.finish_reason, "usage": self.usage}), b"done")
 
     def error(self, error: RelayError) -> bytes | None:
         """The output that tells the caller the stream failed; None means: abort the connection."""
-        return self._frame(error.to_json(), b"error") if self.sse else None
+        if not self.sse:
+            return None
+        meta = self._meta_if_none_yet()
+        return meta + self._frame(error.to_json(), b"error")
 
 
 def _content_text(content) -> str | None:

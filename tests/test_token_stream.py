@@ -656,6 +656,17 @@ def test_azures_opening_chunk_of_prompt_filter_results_is_not_the_answers_meta(r
     assert_whole_answer(result, sse=True)
 
 
+@pytest.mark.parametrize("opening", ["azure", "none"])
+def test_events_open_with_a_meta_even_when_no_chunk_names_the_model(relay, upstream, opening):
+    """An answer that is only Azure's opening chunk, or only [DONE]: meta from the first chunk, else null."""
+    azure = {"choices": [], "created": 0, "id": "", "model": "", "prompt_filter_results": []}
+    events = ([b"data: " + json.dumps(azure).encode() + b"\n\n"] if opening == "azure" else []) + [b"data: [DONE]\n\n"]
+    result = relay.stream(upstream.script(stream_script(events)), sse=True)
+    parsed = parse_sse(result.body)
+    assert [kind for kind, _ in parsed] == ["meta", "done"], result.body
+    assert json.loads(parsed[0][1]) == ({"id": "", "model": "", "created": 0} if opening == "azure" else {"id": None, "model": None, "created": None})
+
+
 def test_a_named_event_with_data_before_the_first_chunk_is_not_its_meta(relay, upstream):
     events = [b'event: ping\ndata: {"type": "ping"}\n\n', *sse_answer(["a"])]
     result = relay.stream(upstream.script(stream_script(events)), sse=True)

@@ -275,10 +275,24 @@ def test_plain_error_returns_none_to_abort_the_connection():
 
 def test_sse_error_is_an_error_event_with_message_type_and_code():
     error = RelayError(504, "upstream_timeout", "The upstream went silent.")
-    output = TokenTranslator(sse=True).error(error)
+    translator = TokenTranslator(sse=True)
+    feed_all(translator, sse(chunk({"content": "a"}), done=False))
+    output = translator.error(error)
     assert output.startswith(b"event: error\ndata: "), f"got {output!r}"
     expected = {"error": {"message": "The upstream went silent.", "type": "timeout_error", "code": "upstream_timeout"}}
     assert frames(output) == [("error", expected)]
+
+
+def test_an_sse_error_before_any_chunk_named_the_model_comes_after_a_meta():
+    """The events always open with meta, also when the answer fails before a chunk named its model."""
+    for stream_id in (None, "s1"):
+        translator = TokenTranslator(sse=True, stream_id=stream_id)
+        assert feed_all(translator, sse({"choices": [], "id": "", "model": "", "created": 0}, done=False)) == [b""]
+        output = translator.error(RelayError(504, "upstream_timeout", "The upstream went silent."))
+        if stream_id is None:
+            assert [kind for kind, _ in frames(output)] == ["meta", "error"]
+        else:  # numbered in that order
+            assert output.startswith(b"id: s1:1\nevent: meta\n") and b"\n\nid: s1:2\nevent: error\n" in output
 
 
 # --- what the upstream may put in odd places ---------------------------------------------------
