@@ -38,7 +38,7 @@ except SettingsError as exc:
 _own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-relay-metrics-")
-_master_pid = os.getpid()
+_master_pid = os.getpid()  # on_starting sets it again: `gunicorn -D` forks before it
 
 
 def _remove_own_metrics_dir() -> None:
@@ -340,6 +340,8 @@ def on_exit(server):
 
 def on_starting(server):
     """Start clean, and raise the open-file limit to the hard limit (each stream holds two sockets)."""
+    global _master_pid
+    _master_pid = os.getpid()
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # counts from a previous run would be summed into this one's
     if workers < _settings.web_concurrency:

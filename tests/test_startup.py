@@ -362,7 +362,9 @@ def test_the_metrics_directory_the_config_makes_is_removed_however_gunicorn_exit
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         now = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
-        if first[0] not in now and len(now) == 2:
+        # replaced, and the new worker has loaded the app: a signal it got before setting its own
+        # handlers (gunicorn's, in its first moments) would be lost, and the master wait for it
+        if first[0] not in now and len(now) == 2 and relay.log().count("DEMO MODE") == 3:
             break
         time.sleep(0.1)
     else:
@@ -370,3 +372,37 @@ def test_the_metrics_directory_the_config_makes_is_removed_however_gunicorn_exit
     assert metrics_dir.is_dir(), "a worker's exit removed the directory the others write in"
     relay.stop()
     assert not metrics_dir.exists()
+
+
+def test_the_metrics_directory_is_removed_when_a_daemonised_gunicorn_exits(tmp_path):
+    """`gunicorn -D` forks after loading the config: the master that must remove it has a new pid."""
+    pidfile, tmpdir = tmp_path / "gunicorn.pid", tmp_path / "tmp"
+    tmpdir.mkdir()
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "TMPDIR": str(tmpdir),
+           "RELAY_DEMO": "1", "HOST": "127.0.0.1", "PORT": str(port)}  # fmt: skip
+    subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-D", "--pid", str(pidfile), "app:app"],
+                   cwd=ROOT, env=env, check=True, timeout=30)  # fmt: skip
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # serving, so that the signal finds the workers booted
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+                if answer.status == 200 and pidfile.exists() and pidfile.read_text().strip():
+                    break
+        except OSError:
+            time.sleep(0.05)
+    master = int(pidfile.read_text())
+    [metrics_dir] = list(tmpdir.iterdir())
+    os.kill(master, signal.SIGTERM)
+    while running(master) and time.monotonic() < deadline + 15:
+        time.sleep(0.05)
+    assert not running(master), "the daemon did not stop"
+    assert not metrics_dir.exists()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is alive: a daemon's exit leaves a zombie where nothing reaps orphans."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
