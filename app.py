@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.wsgi_app = _closing_when_marked(app.wsgi_app)
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
 
@@ -162,7 +163,10 @@ def _register(app: Flask, settings: Settings) -> None:
     def relay_error(error: RelayError):
         g.log["outcome"] = error.outcome
         g.log["error"] = error.code
-        return Response(error.to_json(), error.status, headers=error.headers(), content_type="application/json")
+        response = Response(error.to_json(), error.status, headers=error.headers(), content_type="application/json")
+        if error.status == 408:  # the rest of its body may still come: the connection carries nothing more
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(RateLimitExceeded)
     def rate_limited(error: RateLimitExceeded):
@@ -530,6 +534,27 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
             finish(outcome, resumable=True)
 
     return Response(body(), 200, headers=headers)
+
+
+def _closing_when_marked(wsgi_app):
+    """WSGI middleware: a response marked ``Connection: close`` closes its connection under gunicorn.
+
+    gunicorn drops an application's hop-by-hop headers and says keep-alive on its own, so it would
+    announce a connection it is about to close as kept alive; its ``start_response`` belongs to
+    its response, which can be told to close.
+    """
+
+    def closing_when_marked(environ, start_response):
+        def start(status, headers, exc_info=None):
+            if ("Connection", "close") in headers:
+                force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if force_close is not None:
+                    force_close()
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, start)
+
+    return closing_when_marked
 
 
 def _caller_gone_check() -> Callable[[], bool]:

@@ -354,6 +354,7 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_its_connection_closed(re
         waited = time.monotonic() - started
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout", answer
+    assert b"\r\nConnection: close\r\n" in head and b"keep-alive" not in head, head
     assert json.loads(body)["error"]["type"] == "timeout_error"
     assert 0.4 < waited < 5, waited
     assert relay.request("GET", "/healthz").status == 200
