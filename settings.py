@@ -12,7 +12,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import idna
 import limits
@@ -293,6 +293,14 @@ class _Env:
         parts = _split_url(raw, refusal)
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
             raise SettingsError(refusal)
+        if parts.scheme != "unix" and not parts.hostname:  # redis-py would take localhost:6379 unasked
+            raise SettingsError(f"{refusal} (no host given)")
+        # redis-py reads a database it cannot parse as 0, silently: another deployment's counts
+        database = parts.path.strip("/") if parts.scheme != "unix" else ""
+        databases = [database] if database else []
+        databases += [value for key, value in parse_qsl(parts.query, keep_blank_values=True) if key == "db"]
+        if any(not value.isdigit() for value in databases):
+            raise SettingsError(f"{refusal} (the database is a number: /0, /3...)")
         return raw
 
     def origins(self, name: str) -> tuple[str, ...]:

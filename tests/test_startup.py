@@ -56,6 +56,10 @@ def start_gunicorn(env: dict[str, str]) -> subprocess.CompletedProcess:
         ("RELAY_ALLOWED_ORIGINS", "http://["),
         ("REDIS_URL", "redis://["),
         ("REDIS_URL", "redis://127.0.0.1:abc/0"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/db3"),  # redis-py reads a database it cannot parse as 0
+        ("REDIS_URL", "redis://127.0.0.1:6379/3/extra"),
+        ("REDIS_URL", "redis://127.0.0.1:6379?db=x"),  # redis-py raised in every worker: 127 lines of tracebacks
+        ("REDIS_URL", "redis://:pw@/0"),  # no host: redis-py would take localhost:6379 unasked
         ("RELAY_RATE_LIMIT", "0/minute"),  # would refuse every request
         ("RELAY_RATE_LIMIT", "5/minute;0/day"),
         ("RELAY_ACCESS_TOKENS", ","),  # names no token: read as unset, the relay would start open
