@@ -14,11 +14,11 @@ if __name__ == "__main__":  # the development server: patch before anything impo
 import json
 import logging
 import re
+import secrets
 import socket
 import struct
 import sys
 import time
-import uuid
 from functools import partial
 from typing import Callable
 
@@ -136,7 +136,7 @@ def _register(app: Flask, settings: Settings) -> None:
     @app.before_request
     def start_request_log():
         request_id = request.headers.get("X-Request-ID", "")
-        g.request_id = request_id if _SANE_REQUEST_ID.match(request_id) else uuid.uuid4().hex
+        g.request_id = request_id if _SANE_REQUEST_ID.match(request_id) else secrets.token_hex(16)
         g.started = time.monotonic()
         g.log = _log_fields(caller=relay.guards.caller())
         if is_guarded():
@@ -533,7 +533,35 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
         finally:
             finish(outcome, resumable=True)
 
-    return Response(body(), 200, headers=headers)
+    return _StreamedResponse(body(), 200, headers=headers)
+
+
+class _StreamedResponse(Response):
+    """A streamed answer that the server iterates by its own generator.
+
+    werkzeug hands a server every chunk through two more layers of Python (an encoding generator and
+    a closing iterator): at chat pace that is per relayed token. The body's generator yields bytes
+    already, so here the server gets it as it is; closing still closes the generator and runs the
+    response's close callbacks (the request's log line), as werkzeug's closing iterator would.
+    """
+
+    def get_app_iter(self, environ):
+        if environ["REQUEST_METHOD"] == "HEAD" or self.status_code != 200:
+            return super().get_app_iter(environ)
+        return _ServerIterated(self.response, self.close)
+
+
+class _ServerIterated:
+    """An app iterator that is its body's own iterator, with a ``close`` of its own (WSGI's)."""
+
+    __slots__ = ("_chunks", "close")
+
+    def __init__(self, chunks, close: Callable[[], None]):
+        self._chunks = chunks
+        self.close = close
+
+    def __iter__(self):
+        return iter(self._chunks)
 
 
 def _closing_when_marked(wsgi_app):
@@ -643,7 +671,7 @@ def _follow_stream(relay: _Relay, stream_id: str) -> Response:
             return
         fields["outcome"], fields["error"] = _how_the_replay_ended(last)
 
-    return Response(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
+    return _StreamedResponse(body(), 200, headers={**STREAM_HEADERS, "X-Relay-Stream-Id": stream_id})
 
 
 def _how_the_replay_ended(last: bytes) -> tuple[str, str | None]:
@@ -714,7 +742,7 @@ def log_refused_before_parsing(status: int, error_code: str, client_socket) -> s
         caller = client_socket.getpeername()[0]
     except (OSError, IndexError, TypeError):
         caller = "unknown"
-    request_id = uuid.uuid4().hex
+    request_id = secrets.token_hex(16)
     fields = _log_fields(
         caller=caller, outcome="rejected", error=error_code, request_id=request_id, method=None, path=None, status=status
     )

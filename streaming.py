@@ -280,7 +280,7 @@ class _Translator:
         self.token_count = 0
         self.usage: dict | None = None
         self.finish_reason: str | None = None
-        self._saw_done = False
+        self.done = False  # [DONE] came: the answer is whole, whatever the upstream's body does next
 
     @property
     def completion_tokens(self) -> int:
@@ -297,14 +297,9 @@ class _Translator:
         if reason and isinstance(reason, str):  # anything else ends nothing (the contract's is a string)
             self.finish_reason = reason
 
-    @property
-    def done(self) -> bool:
-        """[DONE] came: the answer is whole, whatever the upstream's body does next."""
-        return self._saw_done
-
     def feed(self, event: ServerSentEvent) -> bytes:
         if event.data == b"[DONE]":
-            self._saw_done = True
+            self.done = True
             return self._done(event)
         try:
             if event.event not in (None, b"", b"message"):  # an empty type is the default, per the SSE spec
@@ -322,7 +317,7 @@ class _Translator:
 
     def _check_complete(self) -> None:
         """An answer without a finish_reason and without [DONE] was cut short."""
-        if self.finish_reason is None and not self._saw_done:
+        if self.finish_reason is None and not self.done:
             raise _truncated()
 
     def _done(self, event: ServerSentEvent) -> bytes:
@@ -629,6 +624,7 @@ class _UpstreamAdapter(HTTPAdapter):
     def __init__(self, ca_bundle: str | None, **kwargs):
         self._tls = urllib3.util.ssl_.create_urllib3_context()  # urllib3's defaults; verification required
         self._tls.load_verify_locations(cafile=ca_bundle or requests.utils.DEFAULT_CA_BUNDLE_PATH)  # else certifi's
+        self._pools: dict[str, urllib3.connectionpool.HTTPConnectionPool] = {}
         super().__init__(**kwargs)
 
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
@@ -640,6 +636,31 @@ class _UpstreamAdapter(HTTPAdapter):
     def cert_verify(self, conn, url, verify, cert) -> None:
         super().cert_verify(conn, url, verify, cert)  # CERT_REQUIRED, and certifi's path...
         conn.ca_certs = conn.ca_cert_dir = None  # ...which urllib3 would load into the shared context again
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        """The connection pool for a request's URL, looked up once per URL.
+
+        requests finds it anew for every request (proxy lookup, URL parsing, the pool key), a
+        measurable share of a stream's set-up. The relay calls one upstream, with no proxies and
+        the same TLS settings every time, so the answer for a URL never changes.
+        """
+        pool = self._pools.get(request.url)
+        if pool is None or pool.pool is None:  # (a pool the pool manager has closed is looked up again)
+            pool = self._pools[request.url] = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        return pool
+
+    def build_response(self, req, resp) -> requests.Response:
+        """requests' response, without reading the upstream's cookies into a jar nobody reads."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = requests.structures.CaseInsensitiveDict(resp.headers)
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 def _peek(raw_sock) -> bytes | None:
@@ -990,29 +1011,31 @@ class _WaitingSocket:
     still hold only part of a record; gevent's ``recv`` then waits for the rest itself.
     """
 
-    __slots__ = ("_recv", "_decrypted", "_hub", "_readable", "_drained")
+    __slots__ = ("_recv", "_recv_waiting", "_decrypted", "_hub", "_readable", "_drained")
 
     def __init__(self, sock):
-        self._recv = sock.recv
-        self._decrypted = getattr(sock, "pending", _nothing_decrypted)
+        self._decrypted = getattr(sock, "pending", None)  # TLS only: bytes decrypted above the descriptor
+        self._recv_waiting = sock.recv  # gevent's, which waits for the socket when it would block
+        raw = getattr(sock, "_sock", None)  # the non-blocking socket under gevent's wrapper
+        # Once readable, a plain socket is read straight from the kernel: gevent's recv would only
+        # add a layer of Python per token around the same call.
+        self._recv = raw.recv if raw is not None and self._decrypted is None else sock.recv
         self._hub = gevent.get_hub()
         self._readable = self._hub.loop.io(sock.fileno(), 1)
         self._drained = False
 
     def read1(self, limit: int) -> bytes:
-        if self._drained and not self._decrypted():
+        if self._drained and not (self._decrypted is not None and self._decrypted()):
             self._hub.wait(self._readable)
-        data = self._recv(limit)
+        try:
+            data = self._recv(limit)
+        except BlockingIOError:  # nothing after all (a first read; a spurious wake-up): gevent's read waits
+            data = self._recv_waiting(limit)
         self._drained = len(data) < limit
         return data
 
     def close(self) -> None:
         self._readable.close()
-
-
-def _nothing_decrypted() -> int:
-    """A plain socket's ``pending()``: no TLS layer, so nothing is held above the file descriptor."""
-    return 0
 
 
 class UpstreamBody:
