@@ -139,18 +139,19 @@ class SSEDecoder(_FailsLater):
         events = []
         try:
             for line in lines:
-                event = self._process_line(line)
-                if event is not None:
-                    events.append(event)
+                if line:
+                    self._process_field(line)
+                else:  # a blank line ends the event
+                    event = self._dispatch()
+                    if event is not None:
+                        events.append(event)
         except ValueError as error:  # an event larger than allowed
             self._error = error
         return events
 
-    def _process_line(self, line: bytes) -> ServerSentEvent | None:
-        if not line:
-            return self._dispatch()
+    def _process_field(self, line: bytes) -> None:
         if line[0] == 0x3A:  # ":" starts a comment
-            return None
+            return
         name, colon, value = line.partition(b":")
         if colon and value[:1] == b" ":
             value = value[1:]
@@ -165,9 +166,8 @@ class SSEDecoder(_FailsLater):
             if b"\0" not in value:
                 self._id = value
         elif name != b"retry":
-            return None  # unknown fields are ignored, and not relayed
+            return  # unknown fields are ignored, and not relayed
         self._lines.append(line)
-        return None
 
     def _dispatch(self) -> ServerSentEvent | None:
         event = None
@@ -377,13 +377,17 @@ class TokenTranslator(_Translator):
                 out = self._meta(chunk)
             elif self._first_chunk is None:
                 self._first_chunk = chunk
-        self._note_usage(chunk)
+        if chunk.get("usage"):  # (the checks are calls of their own: most chunks carry neither)
+            self._note_usage(chunk)
         choices = chunk.get("choices")
         if not choices:
             return out
         choice = choices[0]
-        self._note_finish(choice)
-        content = _content_text((choice.get("delta") or {}).get("content"))
+        if choice.get("finish_reason"):
+            self._note_finish(choice)
+        content = (choice.get("delta") or {}).get("content")
+        if type(content) is not str:
+            content = _content_text(content)
         if not content:
             return out
         self.token_count += 1
