@@ -87,6 +87,14 @@ graceful_timeout = math.ceil(_settings.graceful_timeout) + 5
 # would otherwise overflow gunicorn's 2048 and be reset by the kernel; net.core.somaxconn caps it.
 backlog = 8192
 
+# Connections a worker accepts each time its loop finds the listener ready. With several workers,
+# gunicorn's gevent worker accepts one (so that one worker does not take a burst another could
+# serve), and a busy worker's loop comes round only every few milliseconds: at 10,000 slow streams
+# opening 1,000 a second, the two workers accepted fewer than that, and the queue grew (first bytes
+# 1-2 s late, never all 10,000 open; 16: all open, +0.1-0.9 s; docs/BENCHMARKS.md). 16 at a time
+# still leaves the rest of a burst to the other worker, which wakes for the same listener.
+ACCEPTS_PER_WAKE = 16
+
 # Idle keep-alive, in seconds. Longer than the 60 s idle timeout of common load balancers, so the
 # balancer, not the relay, closes idle connections and never reuses one the relay just closed.
 keepalive = 75
@@ -190,6 +198,7 @@ class _Connections:
                 super().__init__(listener, handle=tracked_handle, **kwargs)
 
             def start(self):
+                self.max_accept = ACCEPTS_PER_WAKE  # after gunicorn's own choice (1 with several workers)
                 super().start()
                 connections.servers.append(self)
 
