@@ -1015,11 +1015,10 @@ class _WaitingSocket:
     still hold only part of a record; gevent's ``recv`` then waits for the rest itself.
     """
 
-    __slots__ = ("_recv", "_recv_waiting", "_decrypted", "_hub", "_readable", "_drained")
+    __slots__ = ("_recv", "_decrypted", "_hub", "_readable", "_drained")
 
     def __init__(self, sock):
         self._decrypted = getattr(sock, "pending", None)  # TLS only: bytes decrypted above the descriptor
-        self._recv_waiting = sock.recv  # gevent's, which waits for the socket when it would block
         raw = getattr(sock, "_sock", None)  # the non-blocking socket under gevent's wrapper
         # Once readable, a plain socket is read straight from the kernel: gevent's recv would only
         # add a layer of Python per token around the same call.
@@ -1031,10 +1030,12 @@ class _WaitingSocket:
     def read1(self, limit: int) -> bytes:
         if self._drained and not (self._decrypted is not None and self._decrypted()):
             self._hub.wait(self._readable)
-        try:
-            data = self._recv(limit)
-        except BlockingIOError:  # nothing after all (a first read; a spurious wake-up): gevent's read waits
-            data = self._recv_waiting(limit)
+        while True:
+            try:
+                data = self._recv(limit)
+                break
+            except BlockingIOError:  # nothing after all (a first read; a spurious wake-up): wait, then read
+                self._hub.wait(self._readable)
         self._drained = len(data) < limit
         return data
 
