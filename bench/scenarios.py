@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,9 +24,7 @@ RELAY_FORMATS = ("relay-text", "relay-sse", "relay-v1")
 RESUME_FORMATS = ("relay-resume-memory", "relay-resume-redis")
 DEADLINE_SLACK_SECONDS = 60
 WARM_UP_STREAMS = 20
-# /proc counts CPU in 10 ms ticks and a heap grows in steps: below these, a per-token or per-stream
-# figure would be mostly rounding, so none is given.
-MIN_CPU_SECONDS = 0.1
+# A heap grows in steps: below this, a per-stream memory figure would be mostly rounding, so none is given.
 MIN_OPEN_STREAMS = 50
 SETTLE_SECONDS = 0.3  # after the warm-up, before the memory baseline
 
@@ -203,11 +200,11 @@ def measure(
     sampler = _MemorySampler(workers) if workers else None
     upstream_stats(upstream)
     redis_pids = [redis.proc.pid] if redis else []
-    before = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]), cpu_seconds(redis_pids))
+    before = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), time.process_time(), cpu_seconds(redis_pids))
     started = time.monotonic()
     records, open_peak = run_streams(target, scenario.plan(repetition), sampler)
     seconds = time.monotonic() - started
-    after = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), sum(os.times()[:2]), cpu_seconds(redis_pids))
+    after = (cpu_seconds(tree), cpu_seconds([upstream.proc.pid]), time.process_time(), cpu_seconds(redis_pids))
     stats = upstream_stats(upstream)
     result = _judge(records, target, scenario, seconds)
     per_token = [_per_token(end - start, result["tokens"]) for start, end in zip(before, after)]
@@ -226,7 +223,7 @@ def measure(
 
 
 def _per_token(cpu: float, tokens: int) -> float | None:
-    if cpu < MIN_CPU_SECONDS or not tokens:
+    if not tokens:
         return None
     return round(cpu / tokens * 1e6, 1)
 
