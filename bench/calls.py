@@ -19,6 +19,9 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.answers import StreamSpec
@@ -31,7 +34,7 @@ from bench.upstream import raise_open_file_limit
 
 CONFIG = "gunicorn.calls.py"
 # The relay's own gunicorn.conf.py, plus a worker that turns cProfile on at one SIGUSR2 and off (writing
-# its figures to the file named here) at the next.
+# its figures to calls.prof in the run's working directory) at the next.
 _CONFIG_TEXT = '''
 exec(compile(open("gunicorn.conf.py").read(), "gunicorn.conf.py", "exec"))
 
@@ -52,7 +55,7 @@ def post_worker_init(worker):
             _profile.enable()
         else:
             _profile.disable()
-            _profile.dump_stats({out!r})
+            _profile.dump_stats({workdir} + "/calls.prof")
             _profile = None
 
     _signal.signal(_signal.SIGUSR2, toggle)
@@ -74,7 +77,9 @@ def _calls_during(worker: int, out: Path, run) -> int:
     return pstats.Stats(str(out)).total_calls
 
 
-def _load(target, specs: list[StreamSpec], concurrency: int):
+def _answers_load(target, specs: list[StreamSpec], concurrency: int):
+    """A function that sends ``specs`` to ``target``, ``concurrency`` at a time, and fails if any stream does."""
+
     def run() -> None:
         records, _ = run_streams(target, Plan(specs, concurrency, None, 120))
         failed = Counter(v.error for v in (check_stream(r, target) for r in records) if v.error)
@@ -84,34 +89,66 @@ def _load(target, specs: list[StreamSpec], concurrency: int):
     return run
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__.splitlines()[0])
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a one-worker count: which format, how many streams, how long their answers."""
     parser.add_argument("--format", default="relay-text", choices=RELAY_FORMATS)
     parser.add_argument("--streams", type=int, default=200, help="streams of each kind")
     parser.add_argument("--tokens", type=int, default=50, help="tokens of each long answer")
     parser.add_argument("--gap-ms", type=int, default=10, help="between a long answer's tokens")
     add_source_options(parser)
-    args = parser.parse_args()
+
+
+@dataclass
+class OneWorkerRelay:
+    """A warmed-up one-worker relay and the two loads a count compares: one-token answers (a stream's
+    set-up and end), then answers of ``--tokens`` tokens, each token arriving alone."""
+
+    worker: int
+    workdir: Path
+    source: dict
+    one_token_answers: Callable[[], None]
+    long_answers: Callable[[], None]
+
+    def described(self, args: argparse.Namespace) -> str:
+        changed = f" (changed: {', '.join(self.source['modified_files'])})" if self.source["modified_files"] else ""
+        return f"{args.format} of {self.source['ref']} at {self.source['commit']}{changed}"
+
+
+@contextmanager
+def one_worker_relay(args: argparse.Namespace, name: str, config_text: str | None = None) -> Iterator[OneWorkerRelay]:
+    """A relay with one worker, started from a snapshot of the chosen source; with ``config_text``,
+    under that gunicorn config (in which ``{workdir}`` is the run's working directory)."""
     raise_open_file_limit()
-    workdir, source = snapshot_in_new_workdir(args, "calls")
-    out = workdir / "calls.prof"
-    (workdir / "relay" / CONFIG).write_text(_CONFIG_TEXT.format(out=str(out)))
+    workdir, source = snapshot_in_new_workdir(args, name)
+    config = "gunicorn.conf.py"
+    if config_text is not None:
+        config = CONFIG
+        (workdir / "relay" / CONFIG).write_text(config_text.replace("{workdir}", repr(str(workdir))))
     try:
         with Services(workdir) as services:
             upstream = services.upstream()
-            relay = services.relay(upstream.port, worker_connections=6000, workers=1, source=workdir / "relay", config=CONFIG)
+            relay = services.relay(upstream.port, worker_connections=6000, workers=1, source=workdir / "relay", config=config)
             target = target_for(args.format, relay.port)
             warm_up(target)
-            worker = relay.workers()[0]
             short = [StreamSpec(index, 1, 0, 0) for index in range(args.streams)]
             long = [StreamSpec(10_000 + index, args.tokens, args.gap_ms, args.gap_ms) for index in range(args.streams)]
-            per_stream = _calls_during(worker, out, _load(target, short, 10)) / args.streams
-            per_long = _calls_during(worker, out, _load(target, long, 10)) / args.streams
+            yield OneWorkerRelay(
+                relay.workers()[0], workdir, source, _answers_load(target, short, 10), _answers_load(target, long, 10)
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__.splitlines()[0])
+    add_load_options(parser)
+    args = parser.parse_args()
+    with one_worker_relay(args, "calls", _CONFIG_TEXT) as relay:
+        out = relay.workdir / "calls.prof"
+        per_stream = _calls_during(relay.worker, out, relay.one_token_answers) / args.streams
+        per_long = _calls_during(relay.worker, out, relay.long_answers) / args.streams
     per_token = (per_long - per_stream) / (args.tokens - 1)
-    changed = f" (changed: {', '.join(source['modified_files'])})" if source["modified_files"] else ""
-    print(f"{args.format} of {source['ref']} at {source['commit']}{changed}")
+    print(relay.described(args))
     print(f"  Python calls per stream (one-token answers, set-up to end): {per_stream:,.0f}")
     print(f"  Python calls per further token ({args.tokens}-token answers, {args.gap_ms} ms apart): {per_token:,.1f}")
     return 0
