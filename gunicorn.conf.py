@@ -91,8 +91,10 @@ backlog = 8192
 # gunicorn's gevent worker accepts one (so that one worker does not take a burst another could
 # serve), and a busy worker's loop comes round only every few milliseconds: at 10,000 slow streams
 # opening 1,000 a second, the two workers accepted fewer than that, and the queue grew (first bytes
-# 1-2 s late, never all 10,000 open; 16: all open, +0.1-0.9 s; docs/BENCHMARKS.md). 16 at a time
-# still leaves the rest of a burst to the other worker, which wakes for the same listener.
+# 1-2 s late, never all 10,000 open; 16: all open, +0.1-0.9 s; docs/BENCHMARKS.md). The other worker
+# wakes for the same listener, though a burst of 100 may still split as unevenly as 84/16; evening
+# it out (1 or 4 at a time, TCP_DEFER_ACCEPT) left the burst's first bytes as late, as its set-ups'
+# CPU on shared cores decides them ("Who takes a burst's connections" in docs/BENCHMARKS.md).
 ACCEPTS_PER_WAKE = 16
 
 # Idle keep-alive, in seconds. Longer than the 60 s idle timeout of common load balancers, so the
