@@ -51,13 +51,13 @@ from streaming import (
     RelayStream,
     ResumableStream,
     TokenTranslator,
-    UpstreamClient,
     client_socket_closed,
     is_token_count,
     shutting_down,
     sse_error_frame,
     while_caller_waits,
 )
+from upstream import UpstreamClient
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 TOKEN_ENDPOINT_FIELDS = frozenset(

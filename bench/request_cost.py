@@ -1,6 +1,6 @@
 """`python -m bench.request_cost`: the relay's CPU for one upstream request, measured alone.
 
-Sends one-token streaming requests through ``streaming.UpstreamClient`` to the fake upstream
+Sends one-token streaming requests through ``upstream.UpstreamClient`` to the fake upstream
 (bench.upstream) over a reused connection, one at a time, and prints the client's CPU per request:
 preparing it, sending it, parsing the reply's head and reading its body. This is the part of a
 stream's set-up that the chat benchmarks cannot separate from the rest.
@@ -23,7 +23,7 @@ from bench.answers import StreamSpec, request_body  # noqa: E402
 from bench.processes import ROOT  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from streaming import UpstreamBody, UpstreamClient  # noqa: E402
+from upstream import UpstreamBody, UpstreamClient  # noqa: E402
 
 WARM_UP = 200
 

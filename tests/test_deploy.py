@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, Relay, free_port, make_certificate, wait_until_up
 from fake_upstream import FakeUpstream, sse_answer, stream_script
 from settings import load_settings
-from streaming import RETRY_CAP_SECONDS
+from upstream import RETRY_CAP_SECONDS
 from test_token_stream import TOKENS, assert_arrives_token_by_token
 
 DEPLOY = ROOT / "deploy"

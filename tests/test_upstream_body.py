@@ -21,16 +21,8 @@ from gevent import socket as gevent_socket
 
 from fake_upstream import sse_answer, stream_script
 from resume import MemoryResumeStore, StreamRecording
-from streaming import (
-    ChunkedDecoder,
-    RelayStream,
-    ResumableStream,
-    TokenTranslator,
-    UpstreamBody,
-    UpstreamClient,
-    _HTTPConnection,
-    _Inflater,
-)
+from streaming import RelayStream, ResumableStream, TokenTranslator
+from upstream import ChunkedDecoder, UpstreamBody, UpstreamClient, _HTTPConnection, _Inflater
 
 PAYLOAD = [b"data: {\"a\": 1}\n\n", b"data: \xe6\x97\xa5\xe6\x9c\xac\n\n", b"x" * 300, b"data: [DONE]\n\n"]
 
@@ -282,7 +274,7 @@ from gevent import monkey; monkey.patch_all()
 import json, socket, sys
 import gevent
 sys.path.insert(0, sys.argv[1])
-from streaming import _HTTPConnection
+from upstream import _HTTPConnection
 
 listener = socket.socket(socket.AF_INET)
 listener.bind(("127.0.0.1", 0))
