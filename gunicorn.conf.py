@@ -67,8 +67,8 @@ worker_class = "gevent"
 # counted in process memory, where N workers would silently allow N times the limit, and resumable
 # answers (RELAY_RESUME_SECONDS) are kept there, where a resume reaching another worker would not
 # find them: then one worker serves (it holds RELAY_WORKER_CONNECTIONS streams; set REDIS_URL to
-# use more).
-workers = 1 if _settings.needs_one_process else _settings.web_concurrency
+# use more), however many were asked for: `nworkers_changed` below holds it at one.
+workers = _settings.web_concurrency
 
 # Open streams one worker may hold at once (RELAY_WORKER_CONNECTIONS). The relay's upstream
 # connection pool is sized to match, so a busy worker never queues for an upstream socket.
@@ -355,7 +355,13 @@ def on_starting(server):
     _master_pid = os.getpid()
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # counts from a previous run would be summed into this one's
-    if workers < _settings.web_concurrency:
+    _raise_file_limit(server)
+
+
+def nworkers_changed(server, new_value, old_value):
+    """Hold the worker count at one while limits' counts and resumable answers live in process
+    memory, however more were asked for: WEB_CONCURRENCY, `-w`, GUNICORN_CMD_ARGS, a TTIN signal."""
+    if new_value > 1 and _settings.needs_one_process:
         named = {
             "RELAY_RATE_LIMIT": _settings.rate_limit,
             "RELAY_MAX_STREAMS_PER_CALLER": _settings.max_streams_per_caller,
@@ -364,9 +370,9 @@ def on_starting(server):
         server.log.warning(
             "%s without REDIS_URL live in one process: running 1 worker instead of %s",
             " and ".join(name for name, value in named.items() if value),
-            _settings.web_concurrency,
+            new_value,
         )
-    _raise_file_limit(server)
+        server.num_workers = 1  # (gunicorn calls this hook again, with 1)
 
 
 def _raise_file_limit(server):

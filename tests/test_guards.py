@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -158,6 +160,28 @@ def test_shared_state_without_redis_runs_one_worker_so_it_stays_exact(relay_fact
     children = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
     assert len(children) == 1
     assert f"{name} without REDIS_URL live in one process: running 1 worker instead of 2" in relay.log()
+
+
+def worker_pids(relay) -> list[str]:
+    return Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split()
+
+
+def test_shared_state_without_redis_stays_in_one_worker_however_more_are_asked_for(relay_factory):
+    """gunicorn's own `-w` (here through GUNICORN_CMD_ARGS) and a TTIN signal would multiply the limit."""
+    relay = relay_factory(fresh=True, RELAY_RATE_LIMIT="100/minute", GUNICORN_CMD_ARGS="--workers 3")
+    try:
+        assert len(worker_pids(relay)) == 1
+        assert "RELAY_RATE_LIMIT without REDIS_URL live in one process: running 1 worker instead of 3" in relay.log()
+        first = worker_pids(relay)
+        os.kill(relay.proc.pid, signal.SIGTTIN)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and "instead of 2" not in relay.log():
+            time.sleep(0.05)
+        assert "RELAY_RATE_LIMIT without REDIS_URL live in one process: running 1 worker instead of 2" in relay.log()
+        time.sleep(0.5)  # gunicorn's next round of managing workers would have started a second by now
+        assert worker_pids(relay) == first
+    finally:
+        relay.stop()
 
 
 def test_two_relays_sharing_redis_enforce_one_rate_limit(relay_factory, upstream, redis_url):
