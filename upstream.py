@@ -153,6 +153,8 @@ class UpstreamClient:
                 prepared = self._prepare(method, path, body, accept)
                 response = self._adapter.send(prepared, stream=stream, timeout=self._timeout)
             except requests.RequestException as exc:
+                if _not_an_http_reply(exc):  # it reached the upstream, which answered: not retried
+                    raise malformed("its status line or headers are not HTTP") from None
                 error = transport_error(exc)
                 # Connect errors, and a connection that broke before any reply (reset, closed): the
                 # official SDKs retry both. Timeouts waiting for the reply (ReadTimeout) are not retried.
@@ -457,6 +459,14 @@ def _never_reached(exc: Exception) -> bool:
         return False
     cause = exc.args[0] if exc.args else None  # urllib3's MaxRetryError, whose reason is the failure
     return isinstance(getattr(cause, "reason", None), urllib3.exceptions.NewConnectionError)
+
+
+def _not_an_http_reply(exc: requests.RequestException) -> bool:
+    """Whether the upstream answered with something other than an HTTP response head (a bad status
+    line, a header line too long), as against closing the connection without a word."""
+    cause = exc.args[0] if exc.args else None  # urllib3's ProtocolError("Connection aborted.", <why>)
+    reason = cause.args[-1] if isinstance(cause, urllib3.exceptions.ProtocolError) and cause.args else None
+    return isinstance(reason, http.client.HTTPException) and not isinstance(reason, http.client.RemoteDisconnected)
 
 
 def _backoff(attempt: int) -> float:

@@ -292,6 +292,16 @@ def test_transient_failures_before_the_first_byte_are_retried(relay, upstream, f
     assert len(upstream.seen(model)) == 3
 
 
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 abc Weird\r\n\r\n", b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000])
+def test_a_reply_that_is_not_http_is_a_malformed_reply_and_not_sent_again(relay, upstream, reply):
+    """It reached the upstream, which answered: sent again, one prompt could be paid for three times."""
+    model = upstream.script(lambda conn: conn.send_raw(reply))
+    result = post(relay, ENDPOINTS[0], model)
+    assert_error(result, 502, "upstream_error")
+    assert result.json()["error"]["message"].startswith("Malformed upstream reply")
+    assert len(upstream.seen(model)) == 1, "RELAY_RETRIES=2, but a reply is not a failure to connect"
+
+
 def test_retries_stop_at_relay_retries(relay, upstream):
     model = upstream.script(flaky([503, 503, 503, 503]))
     assert_error(post(relay, ENDPOINTS[0], model), 502, "upstream_error")
