@@ -11,6 +11,7 @@ reading its body, is ``upstream.py``'s. Nothing here imports Flask.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import re
 import select
@@ -212,10 +213,9 @@ def is_token_count(value) -> bool:
 
 
 def _parse_chunk(data: bytes) -> dict:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise malformed("an event's data is not JSON") from None
+    chunk = _json_or_none(data)
+    if chunk is None and data.strip() != b"null":
+        raise malformed("an event's data is not JSON")
     if not isinstance(chunk, dict):
         raise malformed("an event's data is not a JSON object")
     if chunk.get("error"):  # servers that write every field send "error": null on good chunks
@@ -224,10 +224,33 @@ def _parse_chunk(data: bytes) -> dict:
 
 
 def _json_or_none(data: bytes):
+    """An event's data as JSON read from UTF-8 as the WHATWG decoder reads the stream: bytes that are
+    not UTF-8, and escaped lone surrogates (a string cut inside an emoji), become U+FFFD rather than
+    failing the answer. orjson refuses both; only data it refuses takes the slower way."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        value = json.loads(data.decode("utf-8", "replace"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         return None
+    value = _without_lone_surrogates(value)
+    return value if _writable(value) else None  # (a number orjson cannot write again, too deep a value)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: the stdlib would take them
+
+
+def _without_lone_surrogates(value):
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _named_event_error(event: ServerSentEvent, data) -> RelayError | None:

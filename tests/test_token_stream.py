@@ -203,6 +203,31 @@ def test_upstream_charset_is_ignored_and_utf8_is_used(relay, upstream):
     assert relay.stream(model).text == "café"
 
 
+@pytest.mark.parametrize("endpoint", ["text", "sse", "passthrough"])
+def test_bytes_that_are_not_utf8_and_lone_surrogates_become_replacement_characters(relay, upstream, endpoint):
+    """As the WHATWG decoder reads a stream: U+FFFD, not a failed answer. A latin-1 byte, a sequence cut
+    short, and an emoji whose surrogate pair a server split between two chunks (JSON accepts each half)."""
+    contents = [b"caf\xe9", b"\xf0\x9f", b"\\ud83d", b"ok"]
+    events = [b"data: " + chunk("~").encode().replace(b"~", content) + b"\n\n" for content in contents]
+    answer = sse_answer([])
+    model = upstream.script(stream_script(answer[:1] + events + answer[1:]))
+    if endpoint == "passthrough":
+        result = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True})
+        assert result.status == 200 and result.complete
+        assert [line for line in result.body.split(b"\n") if line.startswith(b"data:")] == [
+            line for line in b"".join(answer[:1] + events + answer[1:]).split(b"\n") if line.startswith(b"data:")
+        ], "each data line is passed on as it came, the bytes that are not UTF-8 too"
+        return
+    result = relay.stream(model, sse=endpoint == "sse")
+    assert result.status == 200 and result.complete, result.body
+    expected = ["caf\ufffd", "\ufffd", "\ufffd", "ok"]
+    if endpoint == "sse":
+        events = parse_sse(result.body)
+        assert [json.loads(data)["content"] for _, data in events[1:-1]] == expected and events[-1][0] == "done"
+    else:
+        assert result.text == "".join(expected)
+
+
 def test_usage_chunk_and_null_content_produce_no_tokens(relay, upstream):
     events = [
         f"data: {chunk(role='assistant', content=None)}\n\n".encode(),
