@@ -458,7 +458,7 @@ def _passthrough_request(body: dict, settings: Settings) -> dict:
 
 def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRecording | None = None) -> Response:
     """Call the upstream, wait for its first event, then commit to a 200 and stream the rest."""
-    settings, guards, fields = relay.settings, relay.guards, g.log
+    settings, guards, fields, started = relay.settings, relay.guards, g.log, g.started  # (no g once streaming)
     abort_connection = _connection_aborter()
     client_gone = _caller_gone_check()
     try:
@@ -509,6 +509,8 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
                 retire()
         fields["outcome"] = outcome
         fields["completion_tokens"] = translator.completion_tokens
+        first_at = translator.first_token_at or stream.first_event_at  # an answer without text: its first event
+        fields["ttft_s"] = round(first_at - started, 4) if first_at else None
         if stream.error is not None:
             fields["error"] = stream.error.code
         if translator.model and not fields.get("model"):
@@ -519,7 +521,6 @@ def _relay_stream(relay: _Relay, payload: dict, translator, recording: StreamRec
     except BaseException:
         finish(stream.outcome)  # the caller never got the stream's id: nothing to resume
         raise
-    fields["ttft_s"] = round(stream.first_event_at - g.started, 4) if stream.first_event_at else None
 
     def body():
         outcome = "client_disconnect"  # unless the stream runs to its end: gunicorn closed us early

@@ -274,6 +274,7 @@ class _Translator:
     def __init__(self):
         self.model: str | None = None
         self.token_count = 0
+        self.first_token_at: float | None = None  # when the first text came, not the first event (a role)
         self.usage: dict | None = None
         self.finish_reason: str | None = None
         self.done = False  # [DONE] came: the answer is whole, whatever the upstream's body does next
@@ -386,6 +387,8 @@ class TokenTranslator(_Translator):
             content = _content_text(content)
         if not content:
             return out
+        if not self.token_count:
+            self.first_token_at = time.monotonic()
         self.token_count += 1
         if self.sse:
             return out + self._frame(orjson.dumps({"content": content}))
@@ -449,6 +452,8 @@ class PassthroughTranslator(_Translator):
         for choice in chunk.get("choices") or ():
             self._note_finish(choice)
             if (choice.get("delta") or {}).get("content"):
+                if not self.token_count:
+                    self.first_token_at = time.monotonic()
                 self.token_count += 1
         return b"\n".join(event.lines) + b"\n\n"
 

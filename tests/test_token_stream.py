@@ -309,6 +309,35 @@ def test_one_json_log_line_per_request_with_the_contract_fields(relay, upstream)
     assert "hi" not in json.dumps(line["model"])
 
 
+@pytest.mark.parametrize("endpoint", ["text", "sse", "passthrough"])
+def test_ttft_is_the_time_to_the_first_token_not_to_the_first_event(relay, upstream, endpoint):
+    """A reasoning model sends its role chunk at once and its first token after thinking: the wait
+    the metric is for is the second."""
+    role, *rest = sse_answer(["late"])
+
+    def script(conn):
+        conn.start()
+        conn.send(role)
+        if conn.sleep_unless_hangup(0.6):
+            return
+        for event in rest:
+            conn.send(event)
+        conn.end()
+
+    model = upstream.script(script)
+    request_id = f"ttft-{endpoint}"
+    if endpoint == "passthrough":
+        body = {"model": model, "messages": [], "stream": True}
+        result = relay.post("/v1/chat/completions", body, {"X-Request-ID": request_id})
+        path = "/v1/chat/completions"
+    else:
+        result = relay.stream(model, sse=endpoint == "sse", headers={"X-Request-ID": request_id})
+        path = "/api/stream_chat_completion"
+    [line] = relay.wait_access_line(path, request_id=request_id)
+    assert result.status == 200 and result.complete, line
+    assert 0.55 <= line["ttft_s"] <= line["duration_s"], line
+
+
 def test_the_page_and_static_files_get_their_log_line_too(relay):
     """Flask hands a file to the server as it is; the line written when the response closes must still come."""
     for path in ("/", "/static/relay-client.js"):
