@@ -80,20 +80,59 @@ class RelayError(Exception):
         return headers
 
 
-_secrets: set[str] = set()
+# A run of this many characters of a secret, in any letter case, is redacted too: an upstream may echo
+# a key cut short, broken over lines or upper-cased. (OpenAI's own echo shows 4, which is no leak.)
+FRAGMENT_CHARS = 16
+_BLOCK = FRAGMENT_CHARS // 2  # every such run holds one of the secret's blocks this long, whole
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")  # keeps every index
+
+_secrets: dict[str, list[tuple[str, int]]] = {}  # each secret, lower-cased: its aligned blocks and where they start
 
 
 def register_secret(secret: str | None) -> None:
-    """Make every later ``redact`` remove ``secret`` (the upstream key, whatever its shape)."""
+    """Make every later ``redact`` remove ``secret`` (the upstream key, whatever its shape), and any
+    run of FRAGMENT_CHARS of its characters."""
     if secret:
-        _secrets.add(secret)
+        lower = secret.translate(_ASCII_LOWER)
+        _secrets[lower] = [(lower[at : at + _BLOCK], at) for at in range(0, len(lower) - _BLOCK + 1, _BLOCK)]
 
 
 def redact(text: str) -> str:
-    """``text`` with each registered secret and anything shaped like an API key replaced by ``[redacted]``."""
-    for secret in _secrets:
-        text = text.replace(secret, "[redacted]")
+    """``text`` with each registered secret, or a long enough run of one, and anything shaped like an
+    API key replaced by ``[redacted]``."""
+    if _secrets:
+        spans = sorted(span for secret, blocks in _secrets.items() for span in _runs_of(secret, blocks, text))
+        for start, end in reversed(_merged(spans)):
+            text = text[:start] + "[redacted]" + text[end:]
     return _KEY_LIKE.sub("[redacted]", text)
+
+
+def _runs_of(secret: str, blocks: list[tuple[str, int]], text: str) -> list[tuple[int, int]]:
+    """Where ``text`` holds FRAGMENT_CHARS or more of ``secret`` in a row, whatever their case: found
+    from its blocks with ``str.find`` (cheap when there are none, as in nearly every text), then grown."""
+    lower, runs = text.translate(_ASCII_LOWER), []
+    for block, at in blocks:
+        found = lower.find(block)
+        while found >= 0:
+            start, end, secret_start, secret_end = found, found + _BLOCK, at, at + _BLOCK
+            while start and secret_start and lower[start - 1] == secret[secret_start - 1]:
+                start, secret_start = start - 1, secret_start - 1
+            while end < len(lower) and secret_end < len(secret) and lower[end] == secret[secret_end]:
+                end, secret_end = end + 1, secret_end + 1
+            if end - start >= min(FRAGMENT_CHARS, len(secret)):
+                runs.append((start, end))
+            found = lower.find(block, found + 1)
+    return runs
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 # Loggers whose tracebacks are the relay's own code failing, kept (redacted): gunicorn's error log

@@ -559,6 +559,10 @@ def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upst
             stream_script(sse_answer(["fine"])),
             lambda conn: conn.json_response(401, echo_key),
             lambda conn: conn.json_response(400, {"error": {"message": f"key {UPSTREAM_KEY} bad"}}),
+            # parts of it: without its prefix, broken over two lines, upper-cased
+            lambda conn: conn.json_response(400, {"error": {"message": f"key ...{UPSTREAM_KEY[13:]} is not allowed"}}),
+            lambda conn: conn.json_response(404, {"error": {"message": f"key={UPSTREAM_KEY[:20]}\n{UPSTREAM_KEY[20:]}"}}),
+            stream_script([sse_answer(["a"])[0], f'data: {{"error": {{"message": "{UPSTREAM_KEY[-20:].upper()}"}}}}\n\n'.encode()]),
             lambda conn: conn.json_response(500, echo_key),
             stream_script([sse_answer(["a"])[0], f'data: {{"error": {{"message": "{UPSTREAM_KEY}"}}}}\n\n'.encode()]),
             stream_script(sse_answer(["cut"], done=False)[:2]),
@@ -580,7 +584,8 @@ def test_the_key_and_tokens_appear_in_no_response_and_no_log(relay_factory, upst
         bodies.append(relay.request("GET", "/metrics").body)
         relay.stop()
         log = relay.log()
-        secrets = (UPSTREAM_KEY, UPSTREAM_KEY[-16:], "tok-alpha-123456", "tok-wrong-000000")
+        fragments = (UPSTREAM_KEY[-16:], UPSTREAM_KEY[13:29], UPSTREAM_KEY[4:20], UPSTREAM_KEY[-16:].upper())
+        secrets = (UPSTREAM_KEY, *fragments, "tok-alpha-123456", "tok-wrong-000000")
         for secret in secrets:
             assert not any(secret.encode() in body for body in bodies), f"{secret!r} leaked into a response"
             assert secret not in log, f"{secret!r} leaked into the log"
