@@ -84,8 +84,12 @@ class Guards:
             application_limits_exempt_when=lambda: not is_guarded() or request.path.startswith(RESUME_PREFIX),
             storage_uri=_limits_storage_uri(settings.redis_url),
             # as many Redis connections as streams may check at once (redis-py's default of 100 refused
-            # the 101st, which the limiter took for Redis down: a burst went unlimited)
-            storage_options={"max_connections": settings.worker_connections} if settings.redis_url else {},
+            # the 101st, which the limiter took for Redis down: a burst went unlimited); a Redis that
+            # hangs holds each request a second, not redis-py's default of 5
+            storage_options=(
+                {"max_connections": settings.worker_connections, "socket_timeout": 1, "socket_connect_timeout": 1}
+                if settings.redis_url else {}
+            ),  # fmt: skip
             strategy="moving-window",
             swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
             key_prefix="chat-relay",

@@ -309,6 +309,22 @@ def test_claims_that_a_redis_restarted_empty_lost_are_made_again(redis_url):
         slots.acquire(caller, 2)
 
 
+def test_a_redis_that_hangs_holds_a_rate_limited_request_about_a_second(relay_factory, upstream, redis_url):
+    """Not redis-py's default of 5 s: the limit goes unenforced while it hangs, the request is served."""
+    link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    relay = relay_factory(fresh=True, RELAY_RATE_LIMIT="100/minute", REDIS_URL=f"redis://127.0.0.1:{link.port}/0")
+    try:
+        model = upstream.script(stream_script(sse_answer(["ok"])), name="rate-hung-redis")
+        assert relay.stream(model).text == "ok"
+        link.silence()
+        started = time.monotonic()
+        assert relay.stream(model).text == "ok"
+        assert time.monotonic() - started < 2.5, "the limiter waited on a silent Redis for longer than its 1 s"
+    finally:
+        relay.stop()
+        link.close()
+
+
 def test_a_slot_granted_while_redis_was_unreachable_counts_once_redis_is_back(redis_url):
     link = RedisLink(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     try:
