@@ -26,7 +26,7 @@ import requests
 import urllib3.exceptions
 from gevent.monkey import get_original
 
-from errors import RelayError
+from errors import RelayError, redact
 from upstream import (
     BadFraming,
     FailsLater,
@@ -172,15 +172,22 @@ def sse_error_frame(error: RelayError) -> bytes:
     return _sse(error.to_json(), b"error")
 
 
-def _upstream_event_error(error) -> RelayError:
+class UpstreamEventError(RelayError):
+    """An error the upstream reported in its event stream. ``event`` is that event, for a caller who
+    reads the upstream's own events (the passthrough), set as the translator meets it."""
+
+    event: ServerSentEvent | None = None
+
+
+def _upstream_event_error(error) -> UpstreamEventError:
     """An error the upstream reported in its event stream: a failed upstream, so ``upstream_error``
-    (an upstream's own code is no code a caller of the relay knows; the message names it)."""
+    (an upstream's own code is no code a caller of the token endpoint knows; the message names it)."""
     error = error_object(error)
     code = error.get("code")
     message = error["message"] or "The upstream reported an error mid-stream."
     if isinstance(code, (str, int)) and not isinstance(code, bool) and str(code):
         message = f"{message} (upstream code {code})"
-    return RelayError(
+    return UpstreamEventError(
         502,
         "upstream_error",
         "Upstream error: " + message,
@@ -309,6 +316,9 @@ class _Translator:
             if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
                 return b""
             return self._chunk(_parse_chunk(event.data), event)
+        except UpstreamEventError as error:
+            error.event = event
+            raise
         except (AttributeError, TypeError, KeyError, IndexError):
             raise malformed("a chunk does not have the chat.completion.chunk shape") from None
 
@@ -462,6 +472,12 @@ class PassthroughTranslator(_Translator):
         return b""
 
     def error(self, error: RelayError) -> bytes:
+        """The upstream's own error event as it came (redacted of the key), which the SDKs raise with
+        the upstream's code; else the relay's ``data: {"error": ...}``."""
+        event = error.event if isinstance(error, UpstreamEventError) else None
+        if event is not None and isinstance(_json_or_none(event.data), dict):
+            lines = b"\n".join(event.lines).decode("utf-8", "surrogateescape")
+            return redact(lines).encode("utf-8", "surrogateescape") + b"\n\n"
         return _sse(error.to_json())
 
 

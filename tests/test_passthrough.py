@@ -144,6 +144,20 @@ def test_a_mid_stream_failure_ends_with_a_data_error_event_the_sdk_raises(relay,
         list(ask(sdk(relay), model, stream=True))
 
 
+def test_the_upstreams_own_mid_stream_error_event_is_passed_on_as_it_came_but_for_the_key(relay, upstream):
+    """Its code (rate_limit_exceeded) is one an SDK user can act on; the key, if echoed, is not passed on."""
+    error = {"message": f"Rate limit reached for {UPSTREAM_KEY}", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    failure = b"data: " + json.dumps({"error": error}).encode()
+    model = upstream.script(stream_script(sse_answer(["a"], done=False)[:2] + [failure + b"\n\n"]))
+    result = relay.post("/v1/chat/completions", {"model": model, "messages": [], "stream": True})
+    assert result.status == 200
+    assert data_lines(result.body)[-1] == failure.replace(UPSTREAM_KEY.encode(), b"[redacted]")
+    assert UPSTREAM_KEY.encode() not in result.body
+    with pytest.raises(openai.APIError, match="Rate limit reached for \\[redacted\\]") as caught:
+        list(ask(sdk(relay), model, stream=True))
+    assert caught.value.code == "rate_limit_exceeded"
+
+
 def test_guard_checks_apply_but_unknown_fields_pass(relay_factory, upstream):
     relay = relay_factory(RELAY_MODELS="gpt-a", RELAY_MAX_TOKENS="10")
     with pytest.raises(openai.PermissionDeniedError):
