@@ -220,9 +220,12 @@ def is_token_count(value) -> bool:
 
 
 def _parse_chunk(data: bytes) -> dict:
-    chunk = _json_or_none(data)
-    if chunk is None and data.strip() != b"null":
-        raise malformed("an event's data is not JSON")
+    try:
+        chunk = orjson.loads(data)  # (called here, not through _json_or_none: one call less per token)
+    except orjson.JSONDecodeError:
+        chunk = _json_read_leniently(data)
+        if chunk is None:
+            raise malformed("an event's data is not JSON") from None
     if not isinstance(chunk, dict):
         raise malformed("an event's data is not a JSON object")
     if chunk.get("error"):  # servers that write every field send "error": null on good chunks
@@ -231,13 +234,16 @@ def _parse_chunk(data: bytes) -> dict:
 
 
 def _json_or_none(data: bytes):
-    """An event's data as JSON read from UTF-8 as the WHATWG decoder reads the stream: bytes that are
-    not UTF-8, and escaped lone surrogates (a string cut inside an emoji), become U+FFFD rather than
-    failing the answer. orjson refuses both; only data it refuses takes the slower way."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        pass
+        return _json_read_leniently(data)
+
+
+def _json_read_leniently(data: bytes):
+    """JSON orjson refused, read from UTF-8 as the WHATWG decoder reads the stream: bytes that are
+    not UTF-8, and escaped lone surrogates (a string cut inside an emoji), become U+FFFD rather than
+    failing the answer; None if it is not JSON even so."""
     try:
         value = json.loads(data.decode("utf-8", "replace"), parse_constant=_no_constant)
     except (ValueError, RecursionError):
