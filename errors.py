@@ -94,7 +94,8 @@ def register_secret(secret: str | None) -> None:
     run of FRAGMENT_CHARS of its characters."""
     if secret:
         lower = secret.translate(_ASCII_LOWER)
-        _secrets[lower] = [(lower[at : at + _BLOCK], at) for at in range(0, len(lower) - _BLOCK + 1, _BLOCK)]
+        blocks = [(lower[at : at + _BLOCK], at) for at in range(0, len(lower) - _BLOCK + 1, _BLOCK)]
+        _secrets[lower] = blocks or [(lower, 0)]  # a secret shorter than a block is its own
 
 
 def redact(text: str) -> str:
@@ -126,6 +127,7 @@ def _runs_of(secret: str, blocks: list[tuple[str, int]], text: str) -> list[tupl
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted spans, those that overlap or touch made one."""
     merged: list[tuple[int, int]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1]:

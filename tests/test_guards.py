@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+import errors
 from conftest import UPSTREAM_KEY, Relay, free_port, probe_config
 from guards import STREAM_SLOT_SECONDS, CapReached, RedisStreamSlots
 from fake_upstream import sse_answer, stream_script
@@ -715,3 +716,16 @@ def test_metrics_add_up_across_two_workers_and_active_streams_return_to_zero(rel
         assert len(workers_with_counts) == 2, f"both workers should have served: {workers_with_counts}"
     finally:
         relay.stop()
+
+
+@pytest.mark.parametrize("secret", ["ollama", "sk-short12345", "sk-relaytest-ANOTHERSECRET-fedcba9876543210"])
+def test_redaction_finds_a_secret_of_any_length_and_its_long_runs_in_any_case(secret):
+    """A self-hosted server's key may be a short word; a long key's runs of 16 characters are secret too."""
+    errors.register_secret(secret)
+    try:
+        for text in (f"key {secret} bad", f"key {secret.upper()}!", f"[{secret[-16:]}]", f"{secret[:20]}\n{secret[20:]}"):
+            assert secret[-min(16, len(secret)):].lower() not in errors.redact(text).lower(), text
+        if len(secret) > 16:
+            assert errors.redact(f"[{secret[-15:]}]") == f"[{secret[-15:]}]", "15 characters of a long key are no secret"
+    finally:
+        errors._secrets.pop(secret.lower())
