@@ -479,9 +479,10 @@ class PassthroughTranslator(_Translator):
 
     def error(self, error: RelayError) -> bytes:
         """The upstream's own error event as it came (redacted of the key), which the SDKs raise with
-        the upstream's code; else the relay's ``data: {"error": ...}``."""
+        the upstream's code, when its data holds an ``error`` they raise on; else the relay's own."""
         event = error.event if isinstance(error, UpstreamEventError) else None
-        if event is not None and isinstance(_json_or_none(event.data), dict):
+        data = _json_or_none(event.data) if event is not None else None
+        if isinstance(data, dict) and data.get("error"):  # (`event: error` with other data they would not raise)
             lines = b"\n".join(event.lines).decode("utf-8", "surrogateescape")
             return redact(lines).encode("utf-8", "surrogateescape") + b"\n\n"
         return _sse(error.to_json())

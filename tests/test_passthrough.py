@@ -156,6 +156,9 @@ def test_the_upstreams_own_mid_stream_error_event_is_passed_on_as_it_came_but_fo
     with pytest.raises(openai.APIError, match="Rate limit reached for \\[redacted\\]") as caught:
         list(ask(sdk(relay), model, stream=True))
     assert caught.value.code == "rate_limit_exceeded"
+    named = upstream.script(stream_script(sse_answer(["a"], done=False)[:2] + [b'event: error\ndata: {"detail": "overloaded"}\n\n']))
+    with pytest.raises(openai.APIError, match="Upstream error"):  # the relay's own: the SDK would not raise on it as it came
+        list(ask(sdk(relay), named, stream=True))
 
 
 def test_guard_checks_apply_but_unknown_fields_pass(relay_factory, upstream):
