@@ -173,13 +173,13 @@ def sse_error_frame(error: RelayError) -> bytes:
 
 
 class UpstreamEventError(RelayError):
-    """An error the upstream reported in its event stream. ``event`` is that event, for a caller who
-    reads the upstream's own events (the passthrough), set as the translator meets it."""
+    """An error the upstream reported in its event stream. ``event`` is that event when its data
+    holds an ``error``, which the SDKs raise on: the passthrough relays such an event as it came."""
 
     event: ServerSentEvent | None = None
 
 
-def _upstream_event_error(error) -> UpstreamEventError:
+def _upstream_event_error(error, event: ServerSentEvent | None = None) -> UpstreamEventError:
     """An error the upstream reported in its event stream: a failed upstream, so ``upstream_error``
     (an upstream's own code is no code a caller of the token endpoint knows; the message names it)."""
     error = error_object(error)
@@ -187,13 +187,15 @@ def _upstream_event_error(error) -> UpstreamEventError:
     message = error["message"] or "The upstream reported an error mid-stream."
     if isinstance(code, (str, int)) and not isinstance(code, bool) and str(code):
         message = f"{message} (upstream code {code})"
-    return UpstreamEventError(
+    failure = UpstreamEventError(
         502,
         "upstream_error",
         "Upstream error: " + message,
         error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         outcome="upstream_error",
     )
+    failure.event = event
+    return failure
 
 
 def _truncated() -> RelayError:
@@ -219,7 +221,8 @@ def is_token_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _parse_chunk(data: bytes) -> dict:
+def _parse_chunk(event: ServerSentEvent) -> dict:
+    data = event.data
     try:
         chunk = orjson.loads(data)  # (called here, not through _json_or_none: one call less per token)
     except orjson.JSONDecodeError:
@@ -229,7 +232,7 @@ def _parse_chunk(data: bytes) -> dict:
     if not isinstance(chunk, dict):
         raise malformed("an event's data is not a JSON object")
     if chunk.get("error"):  # servers that write every field send "error": null on good chunks
-        raise _upstream_event_error(chunk["error"])
+        raise _upstream_event_error(chunk["error"], event)
     return chunk
 
 
@@ -269,7 +272,7 @@ def _without_lone_surrogates(value):
 def _named_event_error(event: ServerSentEvent, data) -> RelayError | None:
     """The failure a named event reports: ``event: error``, or any with an ``error`` in its JSON ``data``."""
     if isinstance(data, dict) and data.get("error"):
-        return _upstream_event_error(data["error"])
+        return _upstream_event_error(data["error"], event)
     if event.event == b"error":
         return _upstream_event_error(event.data.decode("utf-8", "replace") if data is None else data)
     return None
@@ -321,10 +324,7 @@ class _Translator:
                 return self._named(event, data)
             if not event.data:  # `data:` alone: an event with nothing in it (the SDKs would fail on it)
                 return b""
-            return self._chunk(_parse_chunk(event.data), event)
-        except UpstreamEventError as error:
-            error.event = event
-            raise
+            return self._chunk(_parse_chunk(event), event)
         except (AttributeError, TypeError, KeyError, IndexError):
             raise malformed("a chunk does not have the chat.completion.chunk shape") from None
 
@@ -480,10 +480,8 @@ class PassthroughTranslator(_Translator):
     def error(self, error: RelayError) -> bytes:
         """The upstream's own error event as it came (redacted of the key), which the SDKs raise with
         the upstream's code, when its data holds an ``error`` they raise on; else the relay's own."""
-        event = error.event if isinstance(error, UpstreamEventError) else None
-        data = _json_or_none(event.data) if event is not None else None
-        if isinstance(data, dict) and data.get("error"):  # (`event: error` with other data they would not raise)
-            lines = b"\n".join(event.lines).decode("utf-8", "surrogateescape")
+        if isinstance(error, UpstreamEventError) and error.event is not None:
+            lines = b"\n".join(error.event.lines).decode("utf-8", "surrogateescape")
             return redact(lines).encode("utf-8", "surrogateescape") + b"\n\n"
         return _sse(error.to_json())
 
